@@ -1,0 +1,72 @@
+"""Every tunable of detection in one dataclass, with documented defaults and units."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .errors import InputError
+
+
+@dataclass
+class DetectionSettings:
+    """Detection settings. Distances in mm, volumes in mm^3, probabilities in [0, 1].
+
+    The networks run on an isotropic working grid of ``working_spacing_mm``; everything reported
+    is mapped back to the input grid through RAS.
+    """
+
+    #: Student probability a kept candidate needs to be reported (the Slicer slider).
+    threshold: float = 0.5
+    #: Detector probability that makes a voxel part of a candidate (low: the detector is tuned
+    #: for sensitivity; the student removes false positives).
+    candidate_threshold: float = 0.3
+    #: Isotropic spacing (mm) the scan is resampled to for the networks.
+    working_spacing_mm: float = 1.0
+    #: Fast radial symmetry transform radii (mm) and radial strictness.
+    frst_radii_mm: tuple = (1.0, 2.0, 3.0)
+    frst_alpha: float = 2.0
+    #: Sliding-window tile edge (voxels of the working grid) and overlap fraction.
+    tile_size: int = 96
+    tile_overlap: float = 0.25
+    #: Clean-up: component volume range (mm^3) on the working grid. 2 mm^3 ~ a 1.6 mm sphere;
+    #: 525 mm^3 ~ a 10 mm sphere (the largest CMB by the Greenberg criteria).
+    min_volume_mm3: float = 2.0
+    max_volume_mm3: float = 525.0
+    #: Clean-up: maximal elongation 1 - sqrt(l_min/l_max) of the component's inertia (veins
+    #: are tubes, CMBs round); applied to components of at least ``elongation_min_voxels``.
+    max_elongation: float = 0.75
+    elongation_min_voxels: int = 6
+    #: Clean-up: candidates whose centroid lies closer than this to the brain-mask boundary are
+    #: removed (pial veins, sinus and skull-base artefacts).
+    min_edge_distance_mm: float = 3.0
+    #: Inference device: auto (CUDA when available), cpu or cuda.
+    device: str = "auto"
+    #: Candidates scored per student forward pass.
+    batch_size: int = 64
+
+    def validate(self) -> "DetectionSettings":
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InputError(f"threshold must be in [0, 1], got {self.threshold}")
+        if not 0.0 < self.candidate_threshold < 1.0:
+            raise InputError(f"candidate threshold must be in (0, 1), got "
+                             f"{self.candidate_threshold}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.min_volume_mm3 > self.max_volume_mm3:
+            raise InputError("min_volume_mm3 exceeds max_volume_mm3")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["frst_radii_mm"] = list(self.frst_radii_mm)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DetectionSettings":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise InputError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "frst_radii_mm" in d:
+            d["frst_radii_mm"] = tuple(d["frst_radii_mm"])
+        return cls(**d).validate()
