@@ -1,0 +1,143 @@
+"""The three networks of the method, as small ``nn.Module`` s built from named blocks.
+
+* :class:`UNet3D` — candidate detector: a 3D U-Net with two pooling levels on [image, FRST].
+* :class:`Teacher` — feature extractor (the U-Net encoder) + voxel segmentor (its decoder) +
+  patch classifier; trained multi-task.
+* :class:`Student` — a narrower feature extractor + the same classifier design; distilled from
+  the teacher's logits.
+
+Widths are constructor arguments recorded in the weights manifest. Unlike the reference code the
+classifier has non-linearities, normalisation and dropout between its fully connected layers,
+pools globally (any patch size works), and returns logits (probabilities come from softmax
+outside the model).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """Two 3x3x3 convolutions, each with batch normalisation and leaky ReLU."""
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout),
+        nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout),
+        nn.LeakyReLU(0.01, inplace=True))
+
+
+class Encoder(nn.Module):
+    """Feature extractor: full, 1/2 and 1/4 resolution features (two max-pooling levels)."""
+
+    def __init__(self, in_channels: int = 2, base: int = 16):
+        super().__init__()
+        self.level0 = conv_block(in_channels, base)
+        self.level1 = nn.Sequential(nn.MaxPool3d(2), conv_block(base, 2 * base))
+        self.level2 = nn.Sequential(nn.MaxPool3d(2), conv_block(2 * base, 4 * base))
+
+    def forward(self, x):
+        f0 = self.level0(x)
+        f1 = self.level1(f0)
+        f2 = self.level2(f1)
+        return f0, f1, f2
+
+
+def _match(x, ref):
+    """Pad or crop ``x`` to ``ref``'s spatial size (odd sizes survive pooling this way)."""
+    diff = [r - s for r, s in zip(ref.shape[2:], x.shape[2:])]
+    if any(diff):
+        pad = []
+        for d in reversed(diff):
+            pad += [d // 2, d - d // 2]
+        x = nn.functional.pad(x, pad)
+    return x
+
+
+class Decoder(nn.Module):
+    """Voxel segmentor: transposed-convolution upsampling with skip connections."""
+
+    def __init__(self, base: int = 16, out_channels: int = 2):
+        super().__init__()
+        self.up2 = nn.ConvTranspose3d(4 * base, 2 * base, 2, stride=2)
+        self.dec1 = conv_block(4 * base, 2 * base)
+        self.up1 = nn.ConvTranspose3d(2 * base, base, 2, stride=2)
+        self.dec0 = conv_block(2 * base, base)
+        self.head = nn.Conv3d(base, out_channels, 1)
+
+    def forward(self, f0, f1, f2):
+        x = self.dec1(torch.cat([f1, _match(self.up2(f2), f1)], 1))
+        x = self.dec0(torch.cat([f0, _match(self.up1(x), f0)], 1))
+        return self.head(x)
+
+
+class UNet3D(nn.Module):
+    """Candidate detector; fully convolutional, returns 2-class logits per voxel."""
+
+    def __init__(self, in_channels: int = 2, base: int = 16, out_channels: int = 2):
+        super().__init__()
+        self.config = {"in_channels": in_channels, "base": base, "out_channels": out_channels}
+        self.encoder = Encoder(in_channels, base)
+        self.decoder = Decoder(base, out_channels)
+
+    def forward(self, x):
+        return self.decoder(*self.encoder(x))
+
+
+class Classifier(nn.Module):
+    """Patch classifier on the deepest features: conv, global pooling, FC+BN+ReLU+dropout, FC."""
+
+    def __init__(self, in_channels: int, hidden: int = 64, dropout: float = 0.2):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv3d(in_channels, hidden, 3, padding=1, bias=False),
+                                  nn.BatchNorm3d(hidden), nn.LeakyReLU(0.01, inplace=True))
+        self.fc = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.BatchNorm1d(hidden),
+                                nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                nn.Linear(hidden, 2))
+
+    def forward(self, f):
+        f = self.conv(f)
+        # The lesion sits at the patch centre: pool the centre and the whole patch.
+        c = [s // 2 for s in f.shape[2:]]
+        centre = f[:, :, c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2] - 1:c[2] + 1].mean((2, 3, 4))
+        return self.fc(torch.cat([centre, f.mean((2, 3, 4))], 1))
+
+
+class Teacher(nn.Module):
+    """Tf (encoder) + Ts (voxel segmentor) + Tc (patch classifier). Returns (class, seg) logits."""
+
+    def __init__(self, in_channels: int = 2, base: int = 24, hidden: int = 96):
+        super().__init__()
+        self.config = {"in_channels": in_channels, "base": base, "hidden": hidden}
+        self.encoder = Encoder(in_channels, base)
+        self.segmentor = Decoder(base, 2)
+        self.classifier = Classifier(4 * base, hidden)
+
+    def forward(self, x):
+        f0, f1, f2 = self.encoder(x)
+        return self.classifier(f2), self.segmentor(f0, f1, f2)
+
+
+class Student(nn.Module):
+    """Narrow feature extractor + patch classifier; returns class logits."""
+
+    def __init__(self, in_channels: int = 2, base: int = 8, hidden: int = 32):
+        super().__init__()
+        self.config = {"in_channels": in_channels, "base": base, "hidden": hidden}
+        self.encoder = Encoder(in_channels, base)
+        self.classifier = Classifier(4 * base, hidden)
+
+    def forward(self, x):
+        return self.classifier(self.encoder(x)[2])
+
+
+ARCHITECTURES = {"UNet3D": UNet3D, "Teacher": Teacher, "Student": Student}
+
+
+def build(name: str, config: dict) -> nn.Module:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}")
+    return ARCHITECTURES[name](**config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
