@@ -1,0 +1,156 @@
+"""Detection in a separate process, so Slicer's GUI stays responsive and Cancel is a kill.
+
+Run as ``PythonSlicer -m CMBDetectorLib.worker --input scan.nii.gz --modality swi --output DIR``
+(any Python with the engine's dependencies works). Progress goes to stdout as one line per
+update, ``CMB-PROGRESS<TAB>stage<TAB>fraction``; a user error as ``CMB-ERROR<TAB>message`` with
+exit code 1. The result is written to ``DIR/result.json`` (candidates, provenance) and
+``DIR/result.npz`` (candidate label map, brain mask) and read back with :func:`load_result`.
+JSON + npz instead of pickle: nothing executable crosses the process border.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, fields
+
+import numpy as np
+
+from .errors import CMBError, InputError
+from .results import Candidate, DetectionResult
+
+PROGRESS_TAG = "CMB-PROGRESS"
+ERROR_TAG = "CMB-ERROR"
+DONE_TAG = "CMB-DONE"
+
+
+def _plain(value):
+    if isinstance(value, (tuple, list, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def save_result(result: DetectionResult, folder) -> None:
+    """Write ``result`` to ``folder`` as result.json + result.npz (atomic renames)."""
+    os.makedirs(folder, exist_ok=True)
+    meta = {"modality": result.modality, "ijk_to_ras": _plain(result.ijk_to_ras),
+            "shape": list(result.shape), "threshold": float(result.threshold),
+            "timings": _plain(result.timings), "model_version": result.model_version,
+            "settings": _plain(result.settings),
+            "candidates": [_plain(asdict(c)) for c in result.candidates]}
+    arrays = {}
+    if result.candidate_labels is not None:
+        arrays["candidate_labels"] = result.candidate_labels
+    if result.brain_mask is not None:
+        arrays["brain_mask"] = result.brain_mask
+    tmp = os.path.join(folder, ".result.npz.part.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, os.path.join(folder, "result.npz"))
+    tmp = os.path.join(folder, ".result.json.part")
+    with open(tmp, "w") as fh:
+        json.dump(meta, fh)
+    os.replace(tmp, os.path.join(folder, "result.json"))
+
+
+def load_result(folder) -> DetectionResult:
+    """Read what :func:`save_result` wrote."""
+    path = os.path.join(folder, "result.json")
+    if not os.path.exists(path):
+        raise CMBError(f"{folder}: the detection worker produced no result")
+    with open(path) as fh:
+        meta = json.load(fh)
+    names = {f.name for f in fields(Candidate)}
+    cands = []
+    for d in meta["candidates"]:
+        d = {k: v for k, v in d.items() if k in names}
+        d["centroid_ras"] = tuple(d["centroid_ras"])
+        d["centroid_ijk"] = tuple(d["centroid_ijk"])
+        if d.get("edge_distance_mm") is None:
+            d["edge_distance_mm"] = math.inf
+        cands.append(Candidate(**d))
+    with np.load(os.path.join(folder, "result.npz")) as npz:
+        labels = npz["candidate_labels"] if "candidate_labels" in npz else None
+        mask = npz["brain_mask"] if "brain_mask" in npz else None
+    return DetectionResult(modality=meta["modality"], ijk_to_ras=np.array(meta["ijk_to_ras"]),
+                           shape=tuple(meta["shape"]), candidates=cands,
+                           candidate_labels=labels, threshold=meta["threshold"],
+                           timings=meta.get("timings", {}),
+                           model_version=meta.get("model_version", ""),
+                           settings=meta.get("settings", {}), brain_mask=mask)
+
+
+def resolve_detector(spec: str | None):
+    """``None`` -> the engine's ``detect``; ``"package.module:function"`` -> that callable."""
+    if not spec:
+        from .detection import detect
+        return detect
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr or "detect")
+
+
+def _progress(stage: str, fraction: float) -> None:
+    stage = str(stage).replace("\t", " ").replace("\n", " ")
+    print(f"{PROGRESS_TAG}\t{stage}\t{float(fraction):.4f}", flush=True)
+
+
+def run(args) -> int:
+    from .settings import DetectionSettings
+    from .volume import read_volume
+
+    settings = None
+    if args.settings:
+        with open(args.settings) as fh:
+            settings = DetectionSettings.from_dict(json.load(fh))
+    _progress("reading input", 0.0)
+    volume = read_volume(args.input)
+    mask = read_volume(args.mask) if args.mask else None
+    if mask is not None:
+        if not volume.same_grid(mask):
+            raise InputError("the brain mask is not on the scan's grid")
+        mask = volume.with_array((mask.array > 0).astype(np.uint8))
+    detector = resolve_detector(args.detector)
+    result = detector(volume, args.modality, mask=mask, settings=settings, progress=_progress,
+                      cancel=None)
+    _progress("writing result", 1.0)
+    save_result(result, args.output)
+    print(DONE_TAG, flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="CMBDetectorLib.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="scan (.nii.gz/.nrrd) in world geometry")
+    p.add_argument("--modality", required=True, choices=("swi", "gre", "qsm"))
+    p.add_argument("--mask", help="brain mask on the scan's grid")
+    p.add_argument("--settings", help="JSON file of DetectionSettings")
+    p.add_argument("--output", required=True, help="folder for result.json / result.npz")
+    p.add_argument("--detector", help="module:function replacing the engine (tests)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.environ.get("CMBDETECTOR_THREADS"):
+        try:
+            import torch
+            torch.set_num_threads(int(os.environ["CMBDETECTOR_THREADS"]))
+        except ImportError:
+            pass
+    try:
+        return run(args)
+    except CMBError as exc:
+        print(f"{ERROR_TAG}\t{exc}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
