@@ -1,0 +1,334 @@
+"""CMBDetectorLogic on a real MRML scene (slicer-core): detect, review, re-threshold, export.
+
+The detector is the stand-in dark-blob finder of ``slicer_scene_helpers`` (it reads the voxels
+and geometry it is given), except in the last test, which runs the real engine with the bundled
+weights and is skipped only while ``CMBDetector/Resources/Models/manifest.json`` is absent.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from CMBDetectorLib import mrml  # noqa: E402
+from CMBDetectorLib.errors import Cancelled, CMBError, InputError  # noqa: E402
+from CMBDetectorLib.logic import CMBDetectorLogic  # noqa: E402
+from slicer_scene_helpers import (add_linear_transform, add_volume, dark_blob_detector,  # noqa: E402
+                                  make_app, rotation, synthetic_scan)
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTING = Path(__file__).resolve().parent
+
+
+@pytest.fixture()
+def scene():
+    sc, app, logics = make_app()
+    yield sc
+    sc.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return synthetic_scan()
+
+
+def _world_truth(truth, transform=None):
+    pts = np.array([t["centre_ras"] for t in truth], float)
+    if transform is not None:
+        pts = pts @ transform[:3, :3].T + transform[:3, 3]
+    return pts
+
+
+def _fiducial_world(fid):
+    out = []
+    for n in range(fid.GetNumberOfControlPoints()):
+        p = [0.0, 0.0, 0.0]
+        fid.GetNthControlPointPositionWorld(n, p)
+        out.append(p)
+    return np.array(out)
+
+
+def _match_error(found, truth):
+    """Distance (mm) from each truth point to its nearest detection."""
+    d = np.linalg.norm(truth[:, None, :] - found[None, :, :], axis=2)
+    return d.min(axis=1)
+
+
+@pytest.mark.parametrize("with_transform", [False, True])
+def test_process_places_fiducials_at_truth(scene, scan, with_transform):
+    arr, m, truth = scan
+    node = add_volume(scene, arr, m)
+    t = None
+    if with_transform:
+        t = np.eye(4)
+        t[:3, :3] = rotation((-15.0, 25.0, 40.0))
+        t[:3, 3] = [20.0, -35.0, 12.5]
+        node.SetAndObserveTransformNodeID(add_linear_transform(scene, t).GetID())
+    before = mrml.volume_from_node(node).array.copy()
+    logic = CMBDetectorLogic(scene, detector=dark_blob_detector)
+    nodes = logic.process(node, "SWI", threshold=0.3)
+    fid, table = nodes["fiducial"], nodes["table"]
+    assert fid.GetName() == "CMB detections"
+    assert fid.GetParentTransformNode() is None  # world coordinates
+    found = _fiducial_world(fid)
+    assert len(found) == len(truth)
+    err = _match_error(found, _world_truth(truth, t))
+    assert err.max() < 1.0, err
+    # labels CMB-1..n, table rows mirror the fiducials
+    rows = mrml.table_rows(table)
+    assert [r["id"] for r in rows] == [f"CMB-{n}" for n in range(1, len(truth) + 1)]
+    for r, p in zip(rows, found):
+        assert np.allclose([r["R"], r["A"], r["S"]], p, atol=0.01)
+        assert r["status"] == "unreviewed" and r["volume_mm3"] > 0 and 0 < r["confidence"] <= 1
+    assert "confidence=" in fid.GetNthControlPointDescription(0)
+    # the input volume is untouched
+    assert np.array_equal(mrml.volume_from_node(node).array, before)
+
+
+def test_threshold_refilters_fast_and_keeps_review(scene, scan):
+    arr, m, truth = scan
+    node = add_volume(scene, arr, m)
+    logic = CMBDetectorLogic(scene, detector=dark_blob_detector)
+    nodes = logic.process(node, "swi", threshold=0.5)
+    fid, table = nodes["fiducial"], nodes["table"]
+    assert fid.GetNumberOfControlPoints() == 4
+    logic.setStatus(node, 0, "accepted")
+    logic.setStatus(node, 1, "rejected")
+    t0 = time.perf_counter()
+    n = logic.setThreshold(node, 0.7)
+    dt = time.perf_counter() - t0
+    assert n == 2 and fid.GetNumberOfControlPoints() == 2 and table.GetNumberOfRows() == 2
+    assert dt < 0.1, f"re-threshold took {dt * 1000:.0f} ms"
+    assert logic.setThreshold(node, 0.3) == 5
+    assert [mrml.get_status(fid, i) for i in range(5)] == \
+        ["accepted", "rejected", "unreviewed", "unreviewed", "unreviewed"]
+    assert [r["status"] for r in mrml.table_rows(table)][:2] == ["accepted", "rejected"]
+    with pytest.raises(InputError):
+        logic.setThreshold(node, 1.5)
+
+
+def test_rerun_replaces_instead_of_piling_up(scene, scan):
+    arr, m, _ = scan
+    node = add_volume(scene, arr, m)
+    other = add_volume(scene, arr, m, name="sub-02_swi")
+    logic = CMBDetectorLogic(scene, detector=dark_blob_detector)
+    first = logic.process(node, "swi")
+    n_nodes = scene.GetNumberOfNodes()
+    logic.setStatus(node, 0, "rejected")
+    second = logic.process(node, "swi")
+    assert scene.GetNumberOfNodes() == n_nodes
+    assert second["fiducial"] is first["fiducial"] and second["table"] is first["table"]
+    assert scene.GetNodesByName("CMB detections").GetNumberOfItems() == 1
+    assert mrml.get_status(second["fiducial"], 0) == "rejected"  # review survives re-run
+    third = logic.process(other, "swi")  # another volume gets its own nodes
+    assert third["fiducial"] is not first["fiducial"]
+    assert scene.GetNodesByName("CMB detections").GetNumberOfItems() == 2
+
+
+def test_cancel_and_errors_leave_scene_unchanged(scene, scan):
+    arr, m, _ = scan
+    node = add_volume(scene, arr, m)
+    logic = CMBDetectorLogic(scene, detector=dark_blob_detector)
+    sig = mrml.scene_signature(scene)
+    with pytest.raises(Cancelled):
+        logic.process(node, "swi", cancel=lambda: True)
+    assert mrml.scene_signature(scene) == sig
+    # after a successful run, a cancelled re-run keeps the previous results untouched
+    nodes = logic.process(node, "swi")
+    labels = [nodes["fiducial"].GetNthControlPointLabel(i) for i in range(4)]
+    sig = mrml.scene_signature(scene)
+    with pytest.raises(Cancelled):
+        logic.process(node, "swi", threshold=0.3, cancel=lambda: True)
+    assert mrml.scene_signature(scene) == sig
+    assert [nodes["fiducial"].GetNthControlPointLabel(i)
+            for i in range(nodes["fiducial"].GetNumberOfControlPoints())] == labels
+    with pytest.raises(InputError, match="modality"):
+        logic.process(node, "CT")
+    assert mrml.scene_signature(scene) == sig
+
+
+@pytest.mark.parametrize("case", ["2d", "4d", "vector", "label", "empty"])
+def test_bad_input_creates_no_nodes(scene, case):
+    rng = np.random.default_rng(0)
+    arrays = {"2d": (rng.random((1, 40, 40)), "vtkMRMLScalarVolumeNode"),
+              "4d": (rng.random((10, 20, 20, 6)), "vtkMRMLVectorVolumeNode"),
+              "vector": (rng.random((10, 20, 20, 3)), "vtkMRMLScalarVolumeNode"),
+              "label": ((rng.random((10, 20, 20)) > 0.5).astype(np.uint8),
+                        "vtkMRMLLabelMapVolumeNode"),
+              "empty": (np.zeros((10, 20, 20)), "vtkMRMLScalarVolumeNode")}
+    a, cls = arrays[case]
+    node = add_volume(scene, np.asarray(a, np.float32) if a.dtype != np.uint8 else a, np.eye(4),
+                      cls=cls)
+    sig = mrml.scene_signature(scene)
+    calls = []
+    logic = CMBDetectorLogic(scene, detector=lambda *a, **k: calls.append(1))
+    with pytest.raises(InputError) as err:
+        logic.process(node, "swi")
+    assert str(err.value).startswith(node.GetName())
+    assert mrml.scene_signature(scene) == sig and not calls
+
+
+def test_added_lesion_joins_table(scene, scan):
+    arr, m, _ = scan
+    node = add_volume(scene, arr, m)
+    logic = CMBDetectorLogic(scene, detector=dark_blob_detector)
+    nodes = logic.process(node, "swi")
+    fid = nodes["fiducial"]
+    fid.AddControlPoint([1.0, 2.0, 3.0])  # what the place-fiducial mouse mode does
+    logic.syncTable(node)
+    rows = mrml.table_rows(nodes["table"])
+    assert rows[-1]["id"] == "CMB-A1" and rows[-1]["status"] == "added"
+    assert np.allclose([rows[-1][c] for c in "RAS"], [1, 2, 3])
+    logic.setThreshold(node, 0.7)  # re-threshold keeps hand-added lesions
+    assert mrml.table_rows(nodes["table"])[-1]["id"] == "CMB-A1"
+
+
+def test_export_reimport_loses_nothing(scene, scan, tmp_path):
+    arr, m, _ = scan
+    node = add_volume(scene, arr, m, name="sub-01 swi")
+    t = np.eye(4)
+    t[:3, 3] = [5.0, 6.0, 7.0]
+    node.SetAndObserveTransformNodeID(add_linear_transform(scene, t).GetID())
+    logic = CMBDetectorLogic(scene, detector=dark_blob_detector)
+    nodes = logic.process(node, "swi", threshold=0.3)
+    fid = nodes["fiducial"]
+    logic.setStatus(node, 0, "accepted")
+    logic.setStatus(node, 2, "rejected")
+    fid.AddControlPoint([0.5, -1.5, 2.5])
+    logic.syncTable(node)
+    paths = logic.export(node, tmp_path / "all")
+    assert set(paths) == {"markups", "csv", "labels"}
+    assert Path(paths["markups"]).name == "sub-01_swi.mrk.json"
+    back = mrml.read_markups(paths["markups"], scene)
+    assert back.GetNumberOfControlPoints() == fid.GetNumberOfControlPoints() == 6
+    for n in range(6):
+        a, b = mrml.point_info(fid, n), mrml.point_info(back, n)
+        assert a["label"] == b["label"] and a["status"] == b["status"]
+        assert np.allclose(a["ras"], b["ras"], atol=1e-3)
+        assert a.get("confidence") == b.get("confidence")
+        assert fid.GetNthControlPointDescription(n) == back.GetNthControlPointDescription(n)
+        assert fid.GetNthControlPointSelected(n) == back.GetNthControlPointSelected(n)
+        assert fid.GetNthControlPointLocked(n) == back.GetNthControlPointLocked(n)
+    table = mrml.read_table(paths["csv"], scene)
+    rows, orig = mrml.table_rows(table), mrml.table_rows(nodes["table"])
+    assert [r["id"] for r in rows] == [r["id"] for r in orig]
+    assert [r["status"] for r in rows] == ["accepted", "unreviewed", "rejected", "unreviewed",
+                                           "unreviewed", "added"]
+    for a, b in zip(rows, orig):
+        for c in ("R", "A", "S", "volume_mm3", "diameter_mm", "confidence"):
+            assert (np.isnan(a[c]) and np.isnan(b[c])) or abs(a[c] - b[c]) < 1e-6, c
+    # label map: world geometry, value n = row n, every detected lesion present
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(paths["labels"])
+    lab = slicer.vtkMRMLLabelMapVolumeNode()
+    scene.AddNode(lab)
+    assert storage.ReadData(lab)
+    vol = mrml.volume_from_node(node)
+    labvol = mrml.Volume(mrml._voxels(lab), mrml.world_ijk_to_ras(lab))
+    assert set(np.unique(labvol.array)) == {0, 1, 2, 3, 4, 5}
+    for value in range(1, 6):  # the label's centroid is at its fiducial
+        kk, jj, ii = np.nonzero(labvol.array == value)
+        c = labvol.ijk_to_ras_points([[ii.mean(), jj.mean(), kk.mean()]])[0]
+        assert np.linalg.norm(c - _fiducial_world(fid)[value - 1]) < 1.5
+    assert np.allclose(labvol.ijk_to_ras, vol.ijk_to_ras, atol=1e-3)
+
+    # excluding rejected lesions
+    paths2 = logic.export(node, tmp_path / "kept", excludeRejected=True)
+    back2 = mrml.read_markups(paths2["markups"])
+    assert back2.GetNumberOfControlPoints() == 5
+    assert all(mrml.get_status(back2, i) != "rejected" for i in range(5))
+    assert mrml.read_table(paths2["csv"]).GetNumberOfRows() == 5
+
+
+def test_segmentation_node_named_like_fiducials(scene, scan):
+    arr, m, _ = scan
+    node = add_volume(scene, arr, m)
+    logic = CMBDetectorLogic(scene, detector=dark_blob_detector)
+    logic.process(node, "swi")
+    n_before = scene.GetNumberOfNodes()
+    seg = logic.showSegmentation(node)
+    names = [seg.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(seg.GetSegmentation().GetNumberOfSegments())]
+    assert names == ["CMB-1", "CMB-2", "CMB-3", "CMB-4"]
+    n_with_seg = scene.GetNumberOfNodes()
+    assert n_with_seg > n_before
+    seg2 = logic.showSegmentation(node)  # replaces, does not pile up
+    assert scene.GetNumberOfNodes() == n_with_seg
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 1
+    assert seg2.GetSegmentation().GetNumberOfSegments() == 4
+
+
+def test_subprocess_worker_and_fast_cancel(scene, scan, monkeypatch):
+    arr, m, truth = scan
+    node = add_volume(scene, arr, m)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTING),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    logic = CMBDetectorLogic(scene)
+    stages = []
+    nodes = logic.processInSubprocess(node, "swi", threshold=0.3, python=sys.executable,
+                                      detectorSpec="slicer_scene_helpers:dark_blob_detector",
+                                      progress=lambda s, f: stages.append(s))
+    assert {"reading input", "candidates", "student", "writing result"} <= set(stages)
+    err = _match_error(_fiducial_world(nodes["fiducial"]), _world_truth(truth))
+    assert err.max() < 1.0
+    assert logic.setThreshold(node, 0.7) == 2  # full candidate list came back
+    # cancel: a slow worker is killed within 2 s, the scene is untouched
+    sig = mrml.scene_signature(scene)
+    started = []
+
+    def cancel():
+        return bool(started) and time.perf_counter() - started[0] > 0.5
+
+    def progress(stage, fraction):
+        if stage == "waiting" and not started:
+            started.append(time.perf_counter())
+
+    with pytest.raises(Cancelled):
+        logic.processInSubprocess(node, "swi", python=sys.executable,
+                                  detectorSpec="slicer_scene_helpers:slow_detector",
+                                  progress=progress, cancel=cancel)
+    latency = time.perf_counter() - started[0] - 0.5
+    assert latency < 2.0, latency
+    assert mrml.scene_signature(scene) == sig
+    # worker errors arrive as one clear line
+    with pytest.raises(CMBError, match="modality|mask|result|detector|No module"):
+        logic.processInSubprocess(node, "swi", python=sys.executable,
+                                  detectorSpec="no_such_module_xyz:detect")
+
+
+MANIFEST = ROOT / "CMBDetector" / "Resources" / "Models" / "manifest.json"
+
+
+@pytest.mark.skipif(not MANIFEST.exists(), reason="bundled weights not committed yet "
+                    "(CMBDetector/Resources/Models/manifest.json absent)")
+def test_real_engine_with_bundled_weights(scene, tmp_path):
+    """The real detector on a simulated scan loaded through Slicer's storage node."""
+    import torch
+
+    torch.set_num_threads(1)
+    from CMBDetectorLib.simulation import simulate_subject, write_subject
+
+    subject = simulate_subject(7)
+    write_subject(subject, tmp_path, "sim")
+    swi = next(p for p in tmp_path.iterdir() if p.name.endswith(".nii.gz") and "swi" in p.name)
+    vlogic = slicer.vtkSlicerVolumesLogic()
+    vlogic.SetMRMLScene(scene)
+    node = vlogic.AddArchetypeVolume(str(swi), "sim_swi")
+    assert node is not None
+    logic = CMBDetectorLogic(scene)
+    nodes = logic.process(node, mrml.guess_modality(node.GetName()) or "swi", device="cpu")
+    fid = nodes["fiducial"]
+    assert fid.GetNumberOfControlPoints() == nodes["table"].GetNumberOfRows()
+    truth = np.array([c["centre_ras"] for c in subject.truth["cmbs"]], float)
+    found = _fiducial_world(fid)
+    assert len(found) > 0
+    # every reported lesion near a true CMB or mimic is what the engine's own tests check; here
+    # we check the MRML path: at least half the true CMBs have a fiducial within 2 mm
+    hits = (_match_error(found, truth) < 2.0).mean()
+    assert hits >= 0.5, hits
