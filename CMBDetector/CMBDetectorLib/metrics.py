@@ -475,9 +475,12 @@ def plot_froc(curves: dict, path, title: str = "FROC", operating_points: dict | 
     fig = Figure(figsize=(6, 4.5), dpi=110)
     ax = fig.add_subplot(1, 1, 1)
     for name, c in curves.items():
-        x = [np.nan if v is None else v for v in c["fp_per_subject"]]
-        y = [np.nan if v is None else v for v in c["tpr"]]
-        ax.step(x, y, where="post", label=name)
+        pts = sorted((f, t) for f, t in zip(c["fp_per_subject"], c["tpr"])
+                     if f is not None and t is not None)
+        if not pts:
+            continue
+        x, y = zip(*pts)  # FP ascending; steps-post draws the best TPR reached at each FP
+        ax.plot(x, y, drawstyle="steps-post", label=name)
         if operating_points and name in operating_points:
             ox, oy = operating_points[name]
             ax.plot([ox], [oy], "o", color=ax.lines[-1].get_color())
