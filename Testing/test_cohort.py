@@ -217,3 +217,55 @@ def test_cli_embedded_cluster_and_scheduler(tmp_path, client, capsys):
     code = main(["batch", str(tmp_path / "nowhere"), "-o", str(out), "--process", "blobs"])
     err = capsys.readouterr().err
     assert code == 1 and "no such file" in err and "Traceback" not in err
+
+
+def test_engine_process_wiring(tmp_path, monkeypatch):
+    """The production task calls detect_file + write_outputs with the bundle's operating point
+    (engine stubbed: no weights needed) and names every output after the cohort key."""
+    from CMBDetectorLib import detection
+    from CMBDetectorLib.results import Candidate, DetectionResult
+
+    make_scan(tmp_path / "scan.nii.gz", 0)
+    calls = {}
+
+    class Bundle:
+        settings = {"threshold": 0.6}
+        version = "fake-models-1"
+
+    def fake_detect_file(path, modality, settings=None, models=None, **kw):
+        from CMBDetectorLib.volume import read_volume
+
+        calls.update(path=path, modality=modality, threshold=settings.threshold, models=models)
+        vol = read_volume(path)
+        labels = np.zeros(vol.array.shape, np.int32)
+        labels[5, 5, 5], labels[12, 12, 12], labels[15, 15, 15] = 1, 2, 3
+        cands = [Candidate(n, (float(n), 0.0, 0.0), (5.0, 5.0, 5.0), 4.0, 0.9, conf, kept)
+                 for n, conf, kept in ((1, 0.95, True), (2, 0.65, True), (3, 0.99, False))]
+        return vol, DetectionResult("swi", vol.ijk_to_ras, vol.array.shape, cands, labels,
+                                    settings.threshold, model_version="fake-models-1")
+
+    monkeypatch.setitem(cohort._MODELS, "cpu", Bundle())
+    monkeypatch.setattr(detection, "detect_file", fake_detect_file)
+    out = tmp_path / "o"
+    out.mkdir()
+    info = cohort.engine_process(str(tmp_path / "scan.nii.gz"), "swi", str(out), "sub-01_swi",
+                                 {"device": "cpu", "location": False}, threads=1)
+    assert calls["threshold"] == 0.6 and isinstance(calls["models"], Bundle)
+    assert info["cmb_count"] == 2 and info["model_version"] == "fake-models-1"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["sub-01_swi.mrk.json", "sub-01_swi_lesions.csv", "sub-01_swi_cmb.nii.gz",
+         "sub-01_swi_detection.json"])
+    info = cohort.engine_process(str(tmp_path / "scan.nii.gz"), "swi", str(out), "sub-01_swi",
+                                 {"device": "cpu", "location": False, "threshold": 0.9})
+    assert info["cmb_count"] == 1 and calls["threshold"] == 0.9
+
+
+def test_missing_weights_fail_before_any_cluster(tmp_path, monkeypatch, capsys):
+    from CMBDetectorLib import models
+
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path / "no-models")
+    make_cohort(tmp_path / "scans", {"x_swi": 1})
+    code = main(["batch", str(tmp_path / "scans"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "no trained weights" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "cohort.csv").exists()

@@ -240,23 +240,23 @@ def settings_hash(settings: dict, process: str) -> str:
 
 
 def engine_version(process: str) -> str:
-    """What produced the outputs: package version plus, for the engine, the bundled weights.
+    """What produced the outputs: package version plus, for the engine, the weights manifest.
 
-    Weight files are fingerprinted by name and size only: cheap on a login node, and a retrained
-    bundle changes its manifest anyway. A process can define ``version()`` to say its own.
+    The manifest lists every weight file's sha256 and the validated operating point, so hashing
+    it (a small JSON, cheap on a login node) covers a retrained or re-tuned bundle. Raises
+    :class:`ModelError` here, before any cluster starts, when there are no weights. A process
+    can define ``version()`` to say its own.
     """
     func = resolve_process(process)
     own = getattr(func, "version", None)
     if callable(own):
         return str(own())
-    models = Path(__file__).resolve().parent.parent / "Resources" / "Models"
-    h = hashlib.sha256()
-    if models.is_dir():
-        for f in sorted(p for p in models.rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(models)}:{f.stat().st_size};".encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
-    return f"cmbdetector-{__version__}+models.{h.hexdigest()[:12]}"
+    from .models import read_manifest
+
+    manifest = read_manifest()
+    blob = json.dumps(manifest, sort_keys=True, default=str).encode()
+    return (f"cmbdetector-{__version__}+models-{manifest.get('version', 'unknown')}-"
+            f"{hashlib.sha256(blob).hexdigest()[:12]}")
 
 
 def resolve_process(spec: str):
@@ -369,7 +369,7 @@ def run_scan(scan: dict, out_root: str, config: dict) -> dict:
                   "model_version": info.get("model_version", ""),
                   "cmb_count": int(info["cmb_count"]), "categories": info.get("categories", {}),
                   "runtime_s": round(time.perf_counter() - t0, 3), "files": files,
-                  "run_id": config.get("run_id", ""),
+                  "run_id": config.get("run_id", ""), "note": info.get("note", ""),
                   "host": os.uname().nodename, "pid": os.getpid(),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cmbdetector": __version__}
         # The record goes last: its presence in the final folder means everything is there.
@@ -410,7 +410,7 @@ def _row_from_record(row: dict, rec: dict, status: str) -> dict:
     row = dict(row)
     row.update(status=status, cmb_count=rec.get("cmb_count", ""),
                runtime_s=rec.get("runtime_s", ""), model_version=rec.get("model_version", ""),
-               reason="")
+               reason=rec.get("note", ""))
     for cat, n in (rec.get("categories") or {}).items():
         row[f"n_{cat}"] = n
     return row
@@ -437,44 +437,58 @@ def _count_categories(lesions_csv: Path) -> dict:
 def engine_process(path, modality, out_dir, stem, settings, threads=None) -> dict:
     """Production per-scan work: ``detect_file`` then ``write_outputs`` (as ``cmbdetector detect``).
 
-    Files are named after ``stem`` so that cohorts with many ``swi.nii.gz`` stay apart.
+    ``settings`` holds overrides of the bundled models' validated operating point (e.g.
+    ``threshold``, ``device``) plus the cohort option ``location`` (default on): MNI
+    registration and lobar/deep/infratentorial category per lesion, added to the lesion table
+    and counted in ``cohort.csv``. A location failure does not fail the scan (its counts are
+    left empty and the reason is kept in the completion record). Files are named after ``stem``
+    so cohorts with many ``swi.nii.gz`` stay apart.
     """
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
-    from .detection import detect_file
+    from .detection import default_settings, detect_file
     from .outputs import write_outputs
-    from .settings import DetectionSettings
 
-    s = DetectionSettings.from_dict(settings)
-    volume, result = detect_file(path, modality, settings=s, models=_cached_models())
-    volume.name = stem
-    paths = write_outputs(volume, result, out_dir, threshold=s.threshold)
-    csv_path = Path(paths["csv"]) if isinstance(paths, dict) and "csv" in paths else \
-        Path(out_dir) / f"{stem}_lesions.csv"
-    return {"cmb_count": len(result.lesions(s.threshold)),
-            "model_version": result.model_version,
-            "categories": _count_categories(csv_path)}
-
-
-_MODELS = None
-
-
-def _cached_models():
-    """Load the bundled weights once per worker process (not once per scan), when the engine
-    offers a loader; else let ``detect`` load them."""
-    global _MODELS
-    if _MODELS is None:
+    overrides = dict(settings)
+    want_location = bool(overrides.pop("location", True))
+    models = _cached_models(overrides.get("device", "auto"))
+    s = default_settings(models, **overrides)
+    volume, result = detect_file(path, modality, settings=s, models=models)
+    lesions = result.lesions(s.threshold)
+    extra, categories, note = None, {}, ""
+    if want_location and lesions:
         try:
-            from . import models as _m
-        except ImportError:
-            return None
-        loader = getattr(_m, "load_models", None) or getattr(_m, "load_bundle", None)
-        if loader is None:
-            return None
-        _MODELS = loader()
-    return _MODELS
+            from .location import register_to_mni
+
+            reg = register_to_mni(volume, brain_mask=result.brain_mask, modality=modality)
+            loc = reg.locate(lesions)
+            extra = {x.id: x.columns() for x in loc.lesions}
+            categories = dict(loc.summary.get("by_category", {}))
+            if not reg.quality.ok:
+                note = f"location: {reg.quality.warning}"
+        except ImportError as exc:
+            note = f"location unavailable: {exc}"
+        except (CMBError, RuntimeError, ValueError) as exc:
+            note = _one_line(f"location failed: {exc}")
+    elif want_location:
+        categories = {c: 0 for c in CATEGORY_ORDER}
+    write_outputs(volume, result, out_dir, threshold=s.threshold, name=stem, extra=extra)
+    return {"cmb_count": len(lesions), "model_version": result.model_version,
+            "categories": categories, "note": note}
+
+
+_MODELS: dict = {}
+
+
+def _cached_models(device: str = "auto"):
+    """The bundled weights, verified and loaded once per worker process, not once per scan."""
+    if device not in _MODELS:
+        from .models import load_bundle
+
+        _MODELS[device] = load_bundle(device=device)
+    return _MODELS[device]
 
 
 def blob_process(path, modality, out_dir, stem, settings, threads=None) -> dict:
@@ -597,7 +611,8 @@ def run_cohort(source, out_root, modality: str | None = None, settings=None,
     ----------
     source : folder, BIDS dataset or CSV (ignored when ``scans`` is given).
     out_root : output folder; ``<out_root>/<scan>/`` per scan, ``<out_root>/cohort.csv``.
-    settings : DetectionSettings or dict; the same for every scan.
+    settings : dict of overrides of the bundled models' operating point (e.g. ``threshold``,
+        ``device``, and the cohort option ``location``), or a full DetectionSettings.
     scheduler : ``tcp://host:port`` of a running cluster; None starts a LocalCluster.
     workers : LocalCluster worker processes (default from :func:`plan_local_cluster`).
     process : dotted path of the per-scan function (see module docstring).
@@ -609,17 +624,16 @@ def run_cohort(source, out_root, modality: str | None = None, settings=None,
     from .settings import DetectionSettings
 
     t_start = time.perf_counter()
-    if settings is None:
-        settings = DetectionSettings()
-    sdict = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings)
-    DetectionSettings.from_dict(sdict)  # validate once, here, not in 50,000 tasks
+    sdict = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings or {})
+    # validate once, here, not in 50,000 tasks
+    DetectionSettings.from_dict({k: v for k, v in sdict.items() if k != "location"})
     scans = list(scans) if scans is not None else discover(source, modality)
     scans = _unique_keys([Scan(**s.as_dict()) for s in scans])
+    shash = settings_hash(sdict, process if isinstance(process, str) else repr(process))
+    version = engine_version(process)  # no weights: ModelError now, not in every task
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     _remove_stale(out_root)
-    shash = settings_hash(sdict, process if isinstance(process, str) else repr(process))
-    version = engine_version(process)
     config = {"process": process, "settings": sdict, "settings_hash": shash,
               "engine_version": version, "threads": threads, "run_id": uuid.uuid4().hex}
 
@@ -787,16 +801,13 @@ def benchmark(scans, workers=(1, 2), out_root=None, process: str = ENGINE_PROCES
 
     from distributed import Client, LocalCluster
 
-    from .settings import DetectionSettings
-
     scans = [s if isinstance(s, Scan) else Scan(str(s), _guess_modality(Path(s).name) or "swi")
              for s in scans]
     scans = _unique_keys([Scan(**s.as_dict()) for s in scans])
-    settings = settings or DetectionSettings()
+    sdict = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings or {})
     cores = cores or _cpu_count()
     root = Path(out_root or tempfile.mkdtemp(prefix="cmb-bench-"))
     results = []
-    sdict = settings.to_dict()
     single_dir = root / "single"
     single_dir.mkdir(parents=True, exist_ok=True)
     func = resolve_process(process)
@@ -810,7 +821,7 @@ def benchmark(scans, workers=(1, 2), out_root=None, process: str = ENGINE_PROCES
                           dashboard_address=None, env=env, silence_logs=40) as cluster, \
                 Client(cluster) as client:
             t1 = time.perf_counter()
-            rep = run_cohort(None, root / f"workers{n}", settings=settings, client=client,
+            rep = run_cohort(None, root / f"workers{n}", settings=sdict, client=client,
                              process=process, threads=t, scans=scans, progress=False)
             wall = time.perf_counter() - t1
         ok = rep.count("done")
@@ -855,6 +866,8 @@ def configure_parser(parser) -> None:
     parser.add_argument("--threshold", type=float, metavar="P",
                         help="student confidence a reported CMB needs (default 0.5)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--no-location", action="store_true",
+                        help="skip MNI registration and the lobar/deep/infratentorial counts")
     parser.add_argument("--retries", type=int, default=2,
                         help="Dask retries of a scan after an infrastructure error")
     parser.add_argument("--process", default="engine", metavar="SPEC",
@@ -870,21 +883,18 @@ def _process_spec(name: str) -> str:
 
 
 def run_command(args) -> int:
-    from .settings import DetectionSettings
-
-    s = DetectionSettings(device=args.device)
+    overrides: dict = {"device": args.device, "location": not args.no_location}
     if args.threshold is not None:
-        s.threshold = args.threshold
-    s.validate()
+        overrides["threshold"] = args.threshold
     process = _process_spec(args.process)
     resolve_process(process)  # fail fast on a typo, before any cluster starts
     if args.benchmark:
         scans = discover(args.input, args.modality)[:8]
         res = benchmark(scans, out_root=Path(args.output_dir) / "benchmark", process=process,
-                        settings=s)
+                        settings=overrides)
         print(json.dumps(res, indent=2))
         return 0
-    rep = run_cohort(args.input, args.output_dir, modality=args.modality, settings=s,
+    rep = run_cohort(args.input, args.output_dir, modality=args.modality, settings=overrides,
                      scheduler=args.scheduler, workers=args.workers, process=process,
                      retries=args.retries, threads=args.threads)
     print(f"{rep.count('done')} done, {rep.count('skipped')} skipped (already complete), "
