@@ -195,8 +195,20 @@ def test_prediction_on_other_grid_is_resampled(dataset):
     arr = np.zeros(fine.array.shape, np.uint16)
     i, j, k = np.round(fine.ras_to_ijk_points([ras(*CMB1)])[0]).astype(int)
     arr[k - 1:k + 2, j - 1:j + 2, i - 1:i + 2] = 1
-    case = E.EvalCase("x", "swi", t1, l1, fine.with_array(arr), [], 0.5)
+    case = E.EvalCase("x", "swi", t1, l1, fine.with_array(arr), None, 0.5)
     res = E.evaluate_subjects([case])
     c = res["overall"]["cluster"]
     assert (c["tp"], c["fn"], c["fp"]) == (1, 1, 0)
     assert "resampled" in res["cases"][0]["notes"][0]
+
+
+def test_scan_without_candidates_still_counts_in_froc(dataset):
+    (t1, l1), _ = dataset["t"]
+    r1 = dataset["r"][0]
+    nothing = make_result([])
+    res = E.evaluate_subjects([E.case_from_result("a", r1, t1, l1),
+                               E.case_from_result("b", nothing, t1, l1)])
+    o = res["overall"]
+    assert o["stages"]["candidates"]["tpr"] == 0.5  # 2 of 4 CMBs: scan b found none
+    assert max(o["froc"]["student"]["tpr"]) == 0.5
+    assert res["cases"][1]["valdo"]["f1"] == 0.0

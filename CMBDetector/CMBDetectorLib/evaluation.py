@@ -50,9 +50,10 @@ class EvalCase:
         Label maps. ``truth_labels`` value = CMB id; ``pred_labels`` = the engine's lesion map at
         ``threshold``; ``mimic_labels`` value = mimic id. Grids may differ: the prediction is
         resampled (nearest neighbour, through RAS) onto the truth grid.
-    candidates : list of dict
+    candidates : list of dict, optional
         Every candidate: ``centroid_ras``, ``confidence``, ``kept`` (+ ``volume_mm3``,
-        ``candidate_probability``, ``index``). Empty when only a label map/lesion list exists.
+        ``candidate_probability``, ``index``). ``None`` when only a label map or lesion list
+        exists (then only the final stage is scored); ``[]`` means the detector found nothing.
     threshold : float
         Confidence threshold of the written label map / the operating point.
     lesions_ras : (N, 3), optional
@@ -64,7 +65,7 @@ class EvalCase:
     truth: dict | None = None
     truth_labels: object = None
     pred_labels: object = None
-    candidates: list = field(default_factory=list)
+    candidates: list | None = None
     threshold: float = 0.5
     mimic_labels: object = None
     lesions_ras: object = None
@@ -203,7 +204,7 @@ def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
     pts, conf, kept = _cand_arrays(case)
     out["stages"] = {}
     out["_stage_match"] = {}
-    if len(case.candidates):
+    if case.candidates is not None:
         for stage in M.STAGES:
             sel = M.stage_selection(conf, kept, case.threshold, stage)
             mt = M.match_points(pts[sel], refs["ras"], distance_mm, point_rule)
@@ -314,8 +315,7 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
     res["fp_types"] = {}
     for s in scored:
         _add_counts(res["fp_types"], s["fp_types"])
-    froc_subjects = [s["_froc"] for s in scored if len(s["_froc"]["pred_ras"])]
-    if do_froc and froc_subjects and len(froc_subjects) == len(scored):
+    if do_froc and all("candidates" in s["_stage_match"] for s in scored):
         res["froc"] = {
             "student": M.froc([s["_froc"] for s in scored], distance_mm, point_rule,
                               require_kept=False),
@@ -451,9 +451,8 @@ def format_report(result: dict) -> str:
              f"and stages: centroid distance < {s['distance_mm']:g} mm (stage rule "
              f"'{s['point_rule']}', VALDO components {s['valdo_connectivity']}-connectivity).", ""]
     lines += _group_table("All scans", result["overall"])
-    if len(result["by_modality"]) > 1 or True:
-        for mod, g in result["by_modality"].items():
-            lines += _group_table(f"Modality {mod}", g)
+    for mod, g in result["by_modality"].items():
+        lines += _group_table(f"Modality {mod}", g)
     return "\n".join(lines)
 
 
@@ -588,9 +587,9 @@ def load_cases(pred_dir, truth_dir, manifest=None, threshold: float | None = Non
         thr = written if threshold is None else float(threshold)
         if pl is not None and det is not None and thr != written:
             pl = _rethreshold(pl, det, thr)
-        cands = list(det.get("candidates") or []) if det else []
-        lesions = _read_lesions_csv(csvs[p]) if (not cands and p in csvs) else None
-        if not cands and lesions is None and pl is None and p in pmaps:
+        cands = list(det.get("candidates") or []) if det else None
+        lesions = _read_lesions_csv(csvs[p]) if (cands is None and p in csvs) else None
+        if cands is None and lesions is None and pl is None and p in pmaps:
             pl = read_volume(pmaps[p])  # point scoring from label-map centroids
         mimics = None
         for suffix in ("_mimics.nii.gz", "_mimic.nii.gz", "_mimic_labels.nii.gz"):
@@ -606,7 +605,7 @@ def load_cases(pred_dir, truth_dir, manifest=None, threshold: float | None = Non
             truth = _read_json(tjson[t]) if t in tjson else None
             tl = read_volume(tmaps[t]) if t in tmaps else None
             empty = Volume(np.zeros_like(np.asarray(tl.array)), tl.ijk_to_ras) if tl else None
-            cases.append(EvalCase(t, "missing", truth, tl, empty, [], threshold or 0.5, None,
+            cases.append(EvalCase(t, "missing", truth, tl, empty, None, threshold or 0.5, None,
                                   np.zeros((0, 3)), t))
     elif unpaired_t:
         warn(f"{len(unpaired_t)} truth subject(s) without prediction (not scored; "
