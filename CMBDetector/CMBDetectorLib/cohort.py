@@ -308,7 +308,9 @@ def is_current(rec: dict | None, scan: Scan, shash: str, version: str,
     """Whether a completion record still describes ``scan`` with these settings and engine."""
     if not rec or rec.get("settings_hash") != shash or rec.get("engine_version") != version:
         return False
-    if not Path(scan.path).exists() or rec.get("input_path") != str(scan.path):
+    # The path itself is not compared: a cohort moved to another mount (mtimes kept) is
+    # still done; the output key ties record and scan together.
+    if not Path(scan.path).exists():
         return False
     if rec.get("input_stat") == quick_stat(scan.path):
         return True
@@ -579,10 +581,16 @@ def start_local_cluster(workers: int | None = None, threads: int | None = None):
     return cluster, t
 
 
+def _has_bokeh() -> bool:
+    return importlib.util.find_spec("bokeh") is not None
+
+
 def dashboard_link(client) -> str | None:
     """The dashboard URL when the scheduler runs one (needs bokeh), else None."""
     try:
-        if client.scheduler_info().get("services", {}).get("dashboard"):
+        # The scheduler serves /status only with bokeh installed (on the scheduler's machine).
+        if (client.scheduler_info().get("services", {}).get("dashboard")
+                and client.run_on_scheduler(_has_bokeh)):
             return client.dashboard_link
     except Exception:  # noqa: BLE001 - the link is a convenience, never a failure
         return None
@@ -629,9 +637,11 @@ def run_cohort(source, out_root, modality: str | None = None, settings=None,
     DetectionSettings.from_dict({k: v for k, v in sdict.items() if k != "location"})
     scans = list(scans) if scans is not None else discover(source, modality)
     scans = _unique_keys([Scan(**s.as_dict()) for s in scans])
+    for s in scans:  # workers may run elsewhere, in another working directory
+        s.path = os.path.abspath(s.path)
     shash = settings_hash(sdict, process if isinstance(process, str) else repr(process))
     version = engine_version(process)  # no weights: ModelError now, not in every task
-    out_root = Path(out_root)
+    out_root = Path(out_root).resolve()
     out_root.mkdir(parents=True, exist_ok=True)
     _remove_stale(out_root)
     config = {"process": process, "settings": sdict, "settings_hash": shash,
@@ -784,7 +794,8 @@ class _ProgressBar:
               file=sys.stderr, flush=True)
 
     def finish(self) -> None:
-        self.draw(end="\n")
+        if self.tty:
+            self.draw(end="\n")
 
 
 # ------------------------------------------------------------------------------- benchmark
