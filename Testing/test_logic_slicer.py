@@ -264,15 +264,13 @@ def test_segmentation_node_named_like_fiducials(scene, scan):
     assert seg2.GetSegmentation().GetNumberOfSegments() == 4
 
 
-def test_subprocess_worker_and_fast_cancel(scene, scan, monkeypatch):
+def test_subprocess_worker_and_fast_cancel(scene, scan):
     arr, m, truth = scan
     node = add_volume(scene, arr, m)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTING),
-                                                      os.environ.get("PYTHONPATH", "")]))
     logic = CMBDetectorLogic(scene)
     stages = []
     nodes = logic.processInSubprocess(node, "swi", threshold=0.3, python=sys.executable,
-                                      detectorSpec="slicer_scene_helpers:dark_blob_detector",
+                                      detectorSpec="CMBDetectorLib.standins:dark_blob_detector",
                                       progress=lambda s, f: stages.append(s))
     assert {"reading input", "candidates", "student", "writing result"} <= set(stages)
     err = _match_error(_fiducial_world(nodes["fiducial"]), _world_truth(truth))
@@ -291,7 +289,7 @@ def test_subprocess_worker_and_fast_cancel(scene, scan, monkeypatch):
 
     with pytest.raises(Cancelled):
         logic.processInSubprocess(node, "swi", python=sys.executable,
-                                  detectorSpec="slicer_scene_helpers:slow_detector",
+                                  detectorSpec="CMBDetectorLib.standins:slow_detector",
                                   progress=progress, cancel=cancel)
     latency = time.perf_counter() - started[0] - 0.5
     assert latency < 2.0, latency
