@@ -1,0 +1,667 @@
+"""``cmbdetector train``: detector, teacher and distilled student, resumable, from a fixed seed.
+
+Phases (each writes into the run folder and is skipped when its output exists, so an
+interrupted run resumes; training loops also checkpoint every few hundred steps):
+
+1. ``data``      simulate subjects, split by subject into pool A (detector), pool B
+                 (discriminator; its last subjects validate) and a test split; prepare every
+                 scan exactly like inference does.
+2. ``detector``  3D U-Net on [image, FRST] patches, balanced positive/negative sampling,
+                 Dice + voxel-weighted cross-entropy (weights applied per voxel before
+                 reduction), flips/rotations/contrast/noise/resolution augmentation.
+3. ``candidates`` the detector on pool B (subjects it never saw) -> out-of-fold candidates;
+                 candidate threshold chosen for >= 98 % sensitivity there.
+4. ``teacher``   encoder + voxel segmentor + patch classifier, seg + class losses.
+5. ``student``   narrow student from the frozen teacher's logits:
+                 ``(1 - a) CE + a T^2 KL(teacher_T || student_T)``; also the same student
+                 without distillation (a = 0) for the comparison.
+6. ``export``    operating point chosen on pool B's validation subjects, weights + manifest.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from . import MODALITIES
+from .errors import InputError
+from .progress import ProgressBar
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    seed: int = 2023
+    modalities: tuple = MODALITIES
+    n_pool_a: int = 40            # subjects for the detector
+    n_pool_b: int = 40            # subjects for the discriminator (out-of-fold candidates)
+    n_val: int = 8                # of pool B: validation subjects (operating point)
+    n_test: int = 30              # never used in training
+    sim_config: dict = field(default_factory=dict)   # SimulationConfig overrides
+    #: CMB count range of the training pools (more positives per subject); the test split keeps
+    #: the simulator's natural heavy-tailed count, CMB-free subjects included.
+    pool_n_cmbs: tuple = (2, 12)
+    detector_base: int = 12
+    detector_patch: int = 48
+    detector_steps: int = 1500
+    detector_batch: int = 4
+    teacher_base: int = 24
+    teacher_hidden: int = 96
+    student_base: int = 8
+    student_hidden: int = 32
+    disc_patch: int = 24
+    disc_steps: int = 1500
+    disc_batch: int = 32
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    lr: float = 1e-3
+    target_candidate_tpr: float = 0.98
+    max_fp_per_subject: float = 1.0
+    threads: int = 0              # torch threads (0 = all cores)
+    checkpoint_every: int = 250
+
+    @classmethod
+    def tiny(cls) -> "TrainConfig":
+        """Seconds-scale configuration for the test suite (not a usable model)."""
+        return cls(n_pool_a=2, n_pool_b=2, n_val=1, n_test=1, detector_base=4,
+                   detector_patch=24, detector_steps=4, detector_batch=2, teacher_base=4,
+                   teacher_hidden=8, student_base=2, student_hidden=4, disc_steps=4,
+                   disc_batch=4, checkpoint_every=2,
+                   sim_config={"roi_mm": 64.0, "spacing_mm": (1.0, 1.0, 1.5)},
+                   pool_n_cmbs=(3, 4))
+
+
+def subject_seeds(cfg: TrainConfig) -> dict:
+    """Subject seeds per split; splits are by subject, never by patch."""
+    s = cfg.seed * 1000
+    a = [s + i for i in range(cfg.n_pool_a)]
+    b = [s + 500 + i for i in range(cfg.n_pool_b)]
+    t = [s + 900 + i for i in range(cfg.n_test)]
+    return {"pool_a": a, "pool_b_train": b[:cfg.n_pool_b - cfg.n_val],
+            "pool_b_val": b[cfg.n_pool_b - cfg.n_val:], "test": t}
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int):
+    """Flips on all axes, axis permutation in-plane, small rotation, contrast, noise,
+    resolution (blur along one axis); centre-crop to ``out``."""
+    from .radial_symmetry import frst
+
+    img = img.astype(np.float32)
+    if rng.random() < 0.5:
+        angle = rng.uniform(-15, 15)
+        axes = [(0, 1), (0, 2), (1, 2)][rng.integers(3)]
+        img = ndi.rotate(img, angle, axes, reshape=False, order=1, mode="constant")
+        lab = ndi.rotate(lab, angle, axes, reshape=False, order=0, mode="constant")
+    s = (img.shape[0] - out) // 2
+    sl = (slice(s, s + out),) * 3
+    img, lab = img[sl], lab[sl]
+    for ax in range(3):
+        if rng.random() < 0.5:
+            img, lab = np.flip(img, ax), np.flip(lab, ax)
+    if rng.random() < 0.5:
+        img, lab = np.swapaxes(img, 1, 2), np.swapaxes(lab, 1, 2)
+    if rng.random() < 0.3:
+        sig = [0.0, 0.0, 0.0]
+        sig[rng.integers(3)] = rng.uniform(0.3, 1.0)
+        img = ndi.gaussian_filter(img, sig)
+    img = img * rng.uniform(0.7, 1.3) + rng.uniform(-0.1, 0.1)
+    img = img + rng.normal(0, rng.uniform(0, 0.08), img.shape).astype(np.float32)
+    img = np.ascontiguousarray(img, np.float32)
+    fr = frst(img)
+    return np.stack([img, fr]), np.ascontiguousarray(lab)
+
+
+def augment_patch(x: np.ndarray, seg: np.ndarray, rng):
+    """Discriminator augmentation: flips, in-plane transpose, contrast and noise (both
+    channels scale together; the FRST is linear in contrast)."""
+    x = x.astype(np.float32)
+    for ax in range(3):
+        if rng.random() < 0.5:
+            x, seg = np.flip(x, ax + 1), np.flip(seg, ax)
+    if rng.random() < 0.5:
+        x, seg = np.swapaxes(x, 2, 3), np.swapaxes(seg, 1, 2)
+    x = x * rng.uniform(0.75, 1.25)
+    x[0] += rng.normal(0, rng.uniform(0, 0.05), x[0].shape).astype(np.float32)
+    return np.ascontiguousarray(x), np.ascontiguousarray(seg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+def dice_ce_loss(logits, target, pos_weight: float = 10.0, smooth: float = 1.0):
+    """Soft Dice on the lesion class + voxel-weighted cross-entropy.
+
+    The per-voxel weight (1 near and inside lesions up to ``pos_weight``) multiplies the
+    *unreduced* cross-entropy before the mean — the reference code reduced first, which turned
+    the weighting into a near-zero scalar.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    prob = torch.softmax(logits, 1)[:, 1]
+    t = target.float()
+    inter = (prob * t).sum()
+    dice = 1 - (2 * inter + smooth) / (prob.sum() + t.sum() + smooth)
+    ce = F.cross_entropy(logits, target.long(), reduction="none")
+    weight = 1.0 + (pos_weight - 1.0) * t
+    return dice + (ce * weight).sum() / weight.sum()
+
+
+def kd_loss(student_logits, teacher_logits, target, alpha: float, temperature: float):
+    """(1 - a) CE(student, labels) + a T^2 KL(softmax(teacher/T) || softmax(student/T))."""
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(student_logits, target)
+    if alpha <= 0:
+        return ce
+    T = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / T, 1), F.log_softmax(teacher_logits / T, 1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * T * T * kl
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop with checkpoints
+# ----------------------------------------------------------------------------------------------
+def _set_seed(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+
+
+def fit(model, batches, steps: int, ckpt: Path, lr: float, every: int, label: str,
+        loss_fn, seed: int):
+    """Generic Adam loop with cosine decay; resumes from ``ckpt`` (model, optimiser, step,
+    rng state) and writes it every ``every`` steps and at the end."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    start = 0
+    rng = np.random.default_rng(seed)
+    history = []
+    if ckpt.exists():
+        st = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start = st["step"]
+        rng.bit_generator.state = st["rng"]
+        history = st.get("history", [])
+        torch.set_rng_state(st["torch_rng"])
+    model.train()
+    bar = ProgressBar(label)
+    running = None
+    for step in range(start, steps):
+        loss = loss_fn(model, batches(rng))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        v = float(loss.detach())
+        running = v if running is None else 0.98 * running + 0.02 * v
+        if (step + 1) % 10 == 0:
+            history.append((step + 1, running))
+        bar((step + 1) / steps, f"loss {running:.4f}")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "step": step + 1,
+                        "rng": rng.bit_generator.state, "history": history,
+                        "torch_rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, ckpt)
+    bar.close()
+    model.eval()
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+# Phases
+# ----------------------------------------------------------------------------------------------
+class Run:
+    """A training run folder: config, cases, patch banks, checkpoints, weights."""
+
+    def __init__(self, folder, cfg: TrainConfig):
+        self.dir = Path(folder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        cfg_path = self.dir / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if old != json.loads(json.dumps(asdict(cfg))):
+                raise InputError(f"{cfg_path}: the run folder holds another configuration; "
+                                 "use a new --run-dir")
+        else:
+            cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+        self.seeds = subject_seeds(cfg)
+        if cfg.threads:
+            import torch
+            torch.set_num_threads(cfg.threads)
+
+    def path(self, *parts) -> Path:
+        p = self.dir.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    # -- phase 1 ------------------------------------------------------------------------------
+    def case_path(self, seed: int, modality: str) -> Path:
+        return self.path("cases", f"sub-{seed}_{modality}.npz")
+
+    def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val", "test")):
+        """Simulate subjects and prepare each modality (test subjects are also written as
+        NIfTI files for ``cmbdetector detect`` / ``evaluate``)."""
+        from .settings import DetectionSettings
+        from .simulation import SimulationConfig, simulate_subject, write_subject
+        from .training_data import make_case
+
+        todo = [(sp, s) for sp in splits for s in self.seeds[sp]]
+        bar = ProgressBar("simulate+prepare")
+        settings = DetectionSettings()
+        for n, (split, seed) in enumerate(todo):
+            need = [m for m in self.cfg.modalities if not self.case_path(seed, m).exists()]
+            test_dir = self.path("test_scans", "x").parent
+            if split == "test" and not (test_dir / f"sub-{seed}_truth.json").exists():
+                need = list(self.cfg.modalities)
+            if need:
+                sim = dict(self.cfg.sim_config)
+                if split != "test":
+                    sim.setdefault("n_cmbs", tuple(self.cfg.pool_n_cmbs))
+                subj = simulate_subject(seed, SimulationConfig(**sim))
+                if split == "test":
+                    write_subject(subj, test_dir, f"sub-{seed}", modalities=self.cfg.modalities)
+                for m in need:
+                    case = make_case(f"sub-{seed}_{m}", subj.images[m], m, subj.cmb_labels,
+                                     subj.mimic_labels, subj.truth, settings)
+                    tmp = self.case_path(seed, m).with_suffix(".tmp.npz")
+                    case.save(tmp)
+                    os.replace(tmp, self.case_path(seed, m))
+            bar((n + 1) / len(todo), f"sub-{seed}")
+        bar.close()
+
+    def cases(self, split: str):
+        from .training_data import Case
+
+        for seed in self.seeds[split]:
+            for m in self.cfg.modalities:
+                yield Case.load(self.case_path(seed, m))
+
+    # -- phase 2 ------------------------------------------------------------------------------
+    def detector_bank(self):
+        from .training_data import detector_patches
+
+        path = self.path("banks", "detector.npz")
+        if not path.exists():
+            rng = np.random.default_rng(self.cfg.seed + 1)
+            imgs, labs, kinds = [], [], []
+            for case in self.cases("pool_a"):
+                i, l, k = detector_patches(case, rng, size=self.cfg.detector_patch + 8)
+                imgs.append(i), labs.append(l), kinds.append(k)
+            np.savez(path, img=np.concatenate(imgs), lab=np.concatenate(labs),
+                     kind=np.concatenate(kinds))
+        z = np.load(path)
+        return z["img"], z["lab"], z["kind"]
+
+    def train_detector(self):
+        import torch
+
+        from .networks import UNet3D
+
+        out = self.path("weights", "detector.pt")
+        if out.exists():
+            return
+        img, lab, kind = self.detector_bank()
+        pos = np.flatnonzero(kind == 1)
+        neg = np.flatnonzero(kind == 0)
+        if len(pos) == 0:
+            raise InputError("no CMB in the detector's training subjects")
+        cfg = self.cfg
+        _set_seed(cfg.seed + 2)
+        model = UNet3D(2, cfg.detector_base)
+        half = max(1, cfg.detector_batch // 2)
+
+        def batches(rng):
+            idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, cfg.detector_batch - half)])
+            xs, ys = zip(*(augment_detector(img[i], lab[i], rng, cfg.detector_patch)
+                           for i in idx))
+            return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
+
+        def loss_fn(m, batch):
+            x, y = batch
+            return dice_ce_loss(m(x), y)
+
+        hist = fit(model, batches, cfg.detector_steps, self.path("ckpt", "detector.ckpt"),
+                   cfg.lr, cfg.checkpoint_every, "detector", loss_fn, cfg.seed + 3)
+        torch.save(model.state_dict(), out)
+        self.path("logs", "detector_loss.json").write_text(json.dumps(hist))
+
+    def load(self, name: str, arch: str, config: dict):
+        import torch
+
+        from .networks import build
+
+        net = build(arch, config)
+        net.load_state_dict(torch.load(self.path("weights", f"{name}.pt"), weights_only=True))
+        return net.eval()
+
+    def detector_config(self):
+        return {"in_channels": 2, "base": self.cfg.detector_base, "out_channels": 2}
+
+    # -- phase 3 ------------------------------------------------------------------------------
+    def candidate_tables(self):
+        """Out-of-fold candidates on pool B with a low threshold (0.1); the operating candidate
+        threshold is chosen afterwards for the target sensitivity."""
+        from .settings import DetectionSettings
+        from .training_data import candidate_table, discriminator_patches
+
+        path = self.path("banks", "candidates.npz")
+        if path.exists():
+            return
+        det = self.load("detector", "UNet3D", self.detector_config())
+        settings = DetectionSettings(candidate_threshold=0.1)
+        rng = np.random.default_rng(self.cfg.seed + 4)
+        xs, segs, cls, subj, rows = [], [], [], [], []
+        splits = [("pool_b_train", 0), ("pool_b_val", 1)]
+        todo = [(sp, v, c) for sp, v in splits for c in self.cases(sp)]
+        bar = ProgressBar("candidates")
+        for n, (split, is_val, case) in enumerate(todo):
+            tab = candidate_table(case, det, settings)
+            rows.append({"case": case.name, "modality": case.modality, "val": is_val,
+                         "n_truth": len(case.truth_centres),
+                         "truth_detected_pmax": _truth_pmax(case, tab),
+                         **{k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                            for k, v in tab.items() if k != "centres"},
+                         "centres": tab["centres"].tolist()})
+            x, s, c = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
+            xs.append(x), segs.append(s), cls.append(c)
+            subj += [n * 2 + is_val] * len(c)
+            bar((n + 1) / len(todo), case.name)
+        bar.close()
+        np.savez(path, x=np.concatenate(xs), seg=np.concatenate(segs), cls=np.concatenate(cls),
+                 subj=np.array(subj))
+        self.path("banks", "candidates.json").write_text(json.dumps(rows))
+
+    # -- phase 4/5 ----------------------------------------------------------------------------
+    def disc_bank(self, val: bool):
+        z = np.load(self.path("banks", "candidates.npz"))
+        keep = (z["subj"] % 2 == 1) if val else (z["subj"] % 2 == 0)
+        return z["x"][keep], z["seg"][keep], z["cls"][keep].astype(np.int64)
+
+    def _disc_batches(self, x, seg, cls):
+        import torch
+
+        pos, neg = np.flatnonzero(cls == 1), np.flatnonzero(cls == 0)
+        half = self.cfg.disc_batch // 2
+
+        def batches(rng):
+            idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, self.cfg.disc_batch - half)])
+            xb, sb = zip(*(augment_patch(x[i], seg[i], rng) for i in idx))
+            return (torch.from_numpy(np.stack(xb)), torch.from_numpy(np.stack(sb).astype(np.int64)),
+                    torch.from_numpy(cls[idx]))
+        return batches
+
+    def teacher_config(self):
+        return {"in_channels": 2, "base": self.cfg.teacher_base, "hidden": self.cfg.teacher_hidden}
+
+    def student_config(self):
+        return {"in_channels": 2, "base": self.cfg.student_base, "hidden": self.cfg.student_hidden}
+
+    def train_teacher(self):
+        import torch
+        import torch.nn.functional as F
+
+        from .networks import Teacher
+
+        out = self.path("weights", "teacher.pt")
+        if out.exists():
+            return
+        x, seg, cls = self.disc_bank(False)
+        _set_seed(self.cfg.seed + 5)
+        model = Teacher(**self.teacher_config())
+
+        def loss_fn(m, batch):
+            xb, sb, cb = batch
+            c_logits, s_logits = m(xb)
+            return F.cross_entropy(c_logits, cb) + dice_ce_loss(s_logits, sb)
+
+        fit(model, self._disc_batches(x, seg, cls), self.cfg.disc_steps,
+            self.path("ckpt", "teacher.ckpt"), self.cfg.lr, self.cfg.checkpoint_every, "teacher",
+            loss_fn, self.cfg.seed + 6)
+        torch.save(model.state_dict(), out)
+
+    def train_student(self, distil: bool):
+        import torch
+
+        from .networks import Student, Teacher
+
+        name = "student" if distil else "student_nokd"
+        out = self.path("weights", f"{name}.pt")
+        if out.exists():
+            return
+        x, seg, cls = self.disc_bank(False)
+        teacher = self.load("teacher", "Teacher", self.teacher_config())
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        _set_seed(self.cfg.seed + 7)  # same init and batches with and without distillation
+        model = Student(**self.student_config())
+        alpha = self.cfg.kd_alpha if distil else 0.0
+
+        def loss_fn(m, batch):
+            xb, _, cb = batch
+            with torch.no_grad():
+                t_logits = teacher(xb)[0]
+            return kd_loss(m(xb), t_logits, cb, alpha, self.cfg.kd_temperature)
+
+        fit(model, self._disc_batches(x, seg, cls), self.cfg.disc_steps,
+            self.path("ckpt", f"{name}.ckpt"), self.cfg.lr, self.cfg.checkpoint_every, name,
+            loss_fn, self.cfg.seed + 8)
+        torch.save(model.state_dict(), out)
+
+    # -- phase 6 ------------------------------------------------------------------------------
+    def score_validation(self, name: str, arch: str, config: dict) -> np.ndarray:
+        """Classifier probabilities for every validation candidate row (detector candidates
+        only, in candidate-table order)."""
+        import torch
+
+        from .inference import score_candidates
+        from .training_data import Case
+
+        net = self.load(name, arch, config)
+        if arch == "Teacher":
+            enc = net
+
+            class _Cls(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.t = enc
+
+                def forward(self, x):
+                    return self.t(x)[0]
+            net = _Cls().eval()
+        rows = json.loads(self.path("banks", "candidates.json").read_text())
+        out = []
+        for r in rows:
+            if not r["val"]:
+                continue
+            case = Case.load(self.dir / "cases" / f"{r['case']}.npz")
+            cent = np.array(r["centres"], float).reshape(-1, 3)
+            out.append(score_candidates(net, np.stack([case.image, case.frst]), cent,
+                                        self.cfg.disc_patch))
+        return out
+
+    def choose_operating_point(self):
+        """Candidate threshold for >= target sensitivity, then the student threshold that keeps
+        the most true CMBs with at most ``max_fp_per_subject`` after clean-up — all on pool B's
+        validation subjects (never the test split)."""
+        from .settings import DetectionSettings
+        from .cleanup import verdicts
+
+        rows = [r for r in json.loads(self.path("banks", "candidates.json").read_text())
+                if r["val"]]
+        probs = self.score_validation("student", "Student", self.student_config())
+        # 1. candidate threshold: the highest that keeps target sensitivity.
+        tp_pmax = np.concatenate([np.array(r["truth_detected_pmax"], float) for r in rows]) \
+            if rows else np.zeros(0)
+        n_truth = max(1, len(tp_pmax))
+        cand_t = 0.1
+        for t in np.arange(0.5, 0.09, -0.05):
+            if (tp_pmax > t).sum() / n_truth >= self.cfg.target_candidate_tpr:
+                cand_t = float(round(t, 2))
+                break
+        # 2. student threshold with clean-up.
+        base = DetectionSettings(candidate_threshold=cand_t)
+        best = None
+        for thr in np.round(np.arange(0.05, 0.96, 0.05), 2):
+            tp = fp = 0
+            for r, p in zip(rows, probs):
+                pm = np.array(r["pmax"])
+                keep_c = pm > cand_t
+                reasons = verdicts(r["volume_mm3"], r["elongation"], r["voxels"], r["edge_mm"],
+                                   base)
+                kept = keep_c & (p >= thr) & np.array([x == "" for x in reasons], bool)
+                is_cmb = np.array(r["is_cmb"], bool)
+                tp += int((kept & is_cmb).sum())
+                fp += int((kept & ~is_cmb).sum())
+            n_sub = max(1, len(rows))
+            tpr = tp / max(1, sum(r["n_truth"] for r in rows))
+            score = (fp / n_sub <= self.cfg.max_fp_per_subject, tpr, -fp)
+            if best is None or score > best[0]:
+                best = (score, float(thr), tpr, fp / n_sub)
+        op = {"candidate_threshold": cand_t, "threshold": best[1],
+              "validation_tpr_estimate": round(best[2], 4),
+              "validation_fp_per_scan_estimate": round(best[3], 3),
+              "validation_candidate_tpr": round(float((tp_pmax > cand_t).sum() / n_truth), 4)}
+        self.path("operating_point.json").write_text(json.dumps(op, indent=1))
+        return op
+
+    def export(self, models_dir: Path, extra: dict | None = None) -> Path:
+        """Copy detector + student weights into ``models_dir`` with a manifest."""
+        import shutil
+
+        from . import __version__
+        from .models import write_manifest
+        from .networks import build, count_parameters
+
+        op = json.loads(self.path("operating_point.json").read_text())
+        models_dir = Path(models_dir)
+        models_dir.mkdir(parents=True, exist_ok=True)
+        entries = {}
+        for role, name, arch, conf in (
+                ("detector", "detector", "UNet3D", self.detector_config()),
+                ("student", "student", "Student", self.student_config())):
+            shutil.copyfile(self.path("weights", f"{name}.pt"), models_dir / f"{name}.pt")
+            entries[role] = {"file": f"{name}.pt", "architecture": arch, "config": conf,
+                             "parameters": count_parameters(build(arch, conf))}
+        teacher_params = count_parameters(build("Teacher", self.teacher_config()))
+        manifest = {
+            "version": f"{__version__}+sim{self.cfg.seed}",
+            "modalities": list(self.cfg.modalities),
+            "patch_size": self.cfg.disc_patch,
+            "working_spacing_mm": 1.0,
+            "models": entries,
+            "teacher": {"architecture": "Teacher", "config": self.teacher_config(),
+                        "parameters": teacher_params, "shipped": False},
+            "inference": {"candidate_threshold": op["candidate_threshold"],
+                          "threshold": op["threshold"]},
+            "training": {"command": "cmbdetector train --run-dir runs/main --export",
+                         "config": asdict(self.cfg),
+                         "data": "simulated subjects (CMBDetectorLib.simulation) on MNI152 "
+                                 "anatomy; splits by subject: " +
+                                 ", ".join(f"{k}={len(v)}" for k, v in self.seeds.items())},
+            "operating_point_validation": op,
+        }
+        manifest.update(extra or {})
+        return write_manifest(models_dir, manifest)
+
+
+def _truth_pmax(case, tab) -> list:
+    """Per true CMB: the max detector probability of a candidate that hit it (0 = missed)."""
+    out = np.zeros(len(case.truth_centres))
+    if len(tab["centres"]) and len(case.truth_centres):
+        spacing = np.linalg.norm(case.grid[:3, :3], axis=0)[::-1]
+        for c, p, hit in zip(tab["centres"], tab["pmax"], tab["is_cmb"]):
+            if hit:
+                d = np.linalg.norm((case.truth_centres - c) * spacing, axis=1)
+                j = int(np.argmin(d))
+                out[j] = max(out[j], p)
+    return out.tolist()
+
+
+PHASES = ("data", "detector", "candidates", "teacher", "student", "export")
+
+
+def run_training(run_dir, cfg: TrainConfig, models_dir=None, phases=PHASES) -> dict:
+    """All phases in order; each is skipped when its output exists (resume)."""
+    run = Run(run_dir, cfg)
+    t0 = time.perf_counter()
+    timings = {}
+    for phase in phases:
+        t = time.perf_counter()
+        if phase == "data":
+            run.build_cases()
+        elif phase == "detector":
+            run.train_detector()
+        elif phase == "candidates":
+            run.candidate_tables()
+        elif phase == "teacher":
+            run.train_teacher()
+        elif phase == "student":
+            run.train_student(True)
+            run.train_student(False)
+        elif phase == "export":
+            run.choose_operating_point()
+            if models_dir is not None:
+                run.export(models_dir)
+        timings[phase] = time.perf_counter() - t
+        print(f"phase {phase}: {timings[phase]:.0f} s", file=sys.stderr)
+    timings["total"] = time.perf_counter() - t0
+    return timings
+
+
+def configure_parser(p) -> None:
+    p.add_argument("--run-dir", type=Path, default=Path("runs/main"),
+                   help="run folder (resumes when it exists)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--config", type=Path, help="JSON of TrainConfig overrides")
+    p.add_argument("--tiny", action="store_true", help="seconds-scale smoke configuration")
+    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
+    p.add_argument("--export", nargs="?", const="bundled", metavar="DIR",
+                   help="write weights + manifest (default: the bundled Resources/Models)")
+
+
+def run_command(args) -> int:
+    from .models import MODELS_DIR
+
+    cfg = TrainConfig.tiny() if args.tiny else TrainConfig()
+    cfg.seed = args.seed
+    if args.config:
+        try:
+            over = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{args.config}: {exc}") from None
+        for k, v in over.items():
+            if not hasattr(cfg, k):
+                raise InputError(f"{args.config}: unknown setting {k!r}")
+            setattr(cfg, k, tuple(v) if isinstance(getattr(cfg, k), tuple) else v)
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    bad = [p for p in phases if p not in PHASES]
+    if bad:
+        raise InputError(f"unknown phase(s) {', '.join(bad)}; phases: {', '.join(PHASES)}")
+    models_dir = None
+    if args.export:
+        models_dir = MODELS_DIR if args.export == "bundled" else Path(args.export)
+    run_training(args.run_dir, cfg, models_dir, phases)
+    return 0
