@@ -533,7 +533,7 @@ def publish_result(scene, volume_node, result, threshold=None, keep_review: bool
 
 
 def scene_signature(scene) -> list:
-    """IDs and modification times of every node (a test of "the scene is unchanged")."""
+    """ID, class and name of every node (to test that "the scene is unchanged")."""
     out = []
     for i in range(scene.GetNumberOfNodes()):
         node = scene.GetNthNode(i)

@@ -1,0 +1,186 @@
+"""Static checks of the Slicer module: .ui file, module source, build and catalog files.
+
+``CMBDetector.py`` needs Slicer's Qt (absent from slicer-core), so it is checked by parsing:
+Python 3.9 syntax, every ``ui.<name>`` it uses exists in the .ui file, every parameter-node field
+bound in the .ui exists, and the build lists every engine file and resource (unlisted files are
+not packaged).
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "CMBDetector"
+SOURCE = MODULE / "CMBDetector.py"
+UI = MODULE / "Resources" / "UI" / "CMBDetector.ui"
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return ast.parse(SOURCE.read_text(), feature_version=(3, 9))
+
+
+@pytest.fixture(scope="module")
+def ui_widgets():
+    root = ET.parse(UI).getroot()
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget"
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def test_module_source_is_python39_and_has_the_four_classes(tree):
+    compile(SOURCE.read_text(), str(SOURCE), "exec")
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {"CMBDetector", "CMBDetectorWidget", "CMBDetectorLogic", "CMBDetectorTest",
+            "CMBDetectorParameterNode"} <= set(classes)
+    bases = {n: [ast.unparse(b) for b in c.bases] for n, c in classes.items()}
+    assert bases["CMBDetector"] == ["ScriptedLoadableModule"]
+    assert bases["CMBDetectorTest"] == ["ScriptedLoadableModuleTest"]
+    assert "ScriptedLoadableModuleWidget" in bases["CMBDetectorWidget"]
+    text = SOURCE.read_text()
+    assert "Quantification" in text and "Sundaresan" in text and "Front. Neuroinform. 2023" in text
+    assert "Not for diagnostic use" in text
+    for modality in ("SWI", "T2*-GRE", "QSM"):
+        assert modality in text
+
+
+def test_no_install_or_torch_import_at_module_level(tree):
+    top_imports = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_imports |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            top_imports.add(node.module.split(".")[0])
+    assert "torch" not in top_imports
+    module_level_calls = [ast.unparse(n) for n in tree.body
+                          if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
+    assert not any("pip" in c or "install" in c.lower() for c in module_level_calls)
+
+
+def test_every_ui_name_used_by_the_code_exists(tree, ui_widgets):
+    used = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "ui"):
+            used.add(node.attr)
+    # names checked by string in the in-Slicer test
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Tuple) and all(isinstance(e, ast.Constant) for e in node.elts):
+            vals = [e.value for e in node.elts]
+            if "detectButton" in vals:
+                used |= set(vals)
+    assert len(used) >= 15
+    missing = sorted(used - set(ui_widgets))
+    assert not missing, f"used in CMBDetector.py but absent from the .ui: {missing}"
+
+
+def test_required_controls_exist(ui_widgets):
+    classes = {n: w.get("class") for n, w in ui_widgets.items()}
+    assert classes["inputVolumeSelector"] == "qMRMLNodeComboBox"
+    assert classes["maskSelector"] == "qMRMLNodeComboBox"
+    assert classes["thresholdSlider"] == "ctkSliderWidget"
+    assert classes["resultsTableView"] == "qMRMLTableView"
+    assert classes["progressBar"] == "QProgressBar"
+    items = lambda name: [i.find("property/string").text for i in ui_widgets[name].findall("item")]  # noqa: E731
+    assert items("modalityComboBox") == ["SWI", "T2*-GRE", "QSM"]
+    assert items("deviceComboBox") == ["Auto", "CPU", "GPU"]
+    mask_types = [s.text for s in ui_widgets["maskSelector"].findall(
+        "property[@name='nodeTypes']/stringlist/string")]
+    assert set(mask_types) == {"vtkMRMLSegmentationNode", "vtkMRMLLabelMapVolumeNode"}
+
+
+def test_bound_parameters_exist_in_parameter_node(tree, ui_widgets):
+    pn = next(n for n in tree.body if isinstance(n, ast.ClassDef)
+              and n.name == "CMBDetectorParameterNode")
+    fields = {s.target.id for s in pn.body if isinstance(s, ast.AnnAssign)}
+    bound = {}
+    for name, w in ui_widgets.items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[name] = prop.find("string").text
+    assert set(bound.values()) <= fields, set(bound.values()) - fields
+    assert {"inputVolume", "modality", "mask", "threshold", "device"} <= set(bound.values())
+    # choices in the parameter node match the combo boxes
+    text = SOURCE.read_text()
+    assert 'Choice(["Auto", "CPU", "GPU"])' in text
+    assert 'MODALITY_LABELS = ("SWI", "T2*-GRE", "QSM")' in text
+
+
+def test_icon_is_128_png():
+    data = (MODULE / "Resources" / "Icons" / "CMBDetector.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", data[16:24]) == (128, 128)
+
+
+def _cmake_list(text, var):
+    m = re.search(rf"set\({var}\s+(.*?)\)", text, re.S)
+    return [ln.strip() for ln in m.group(1).splitlines() if ln.strip()]
+
+
+def test_module_cmake_lists_every_lib_file_and_resource():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert "WITH_GENERIC_TESTS" in text and "slicerMacroBuildScriptedModule" in text
+    scripts = [s.replace("${MODULE_NAME}", "CMBDetector")
+               for s in _cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
+    resources = [s.replace("${MODULE_NAME}", "CMBDetector")
+                 for s in _cmake_list(text, "MODULE_PYTHON_RESOURCES")]
+    libs = {f"CMBDetectorLib/{p.name}" for p in (MODULE / "CMBDetectorLib").glob("*.py")}
+    assert "CMBDetector.py" in scripts
+    assert libs <= set(scripts), f"not packaged: {sorted(libs - set(scripts))}"
+    for rel in scripts + resources:
+        assert (MODULE / rel).is_file(), f"listed but missing: {rel}"
+    on_disk = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
+               if p.is_file() and not p.name.startswith(".") and "__pycache__" not in p.parts}
+    assert on_disk <= set(resources), f"not packaged: {sorted(on_disk - set(resources))}"
+
+
+def test_extension_metadata_agrees():
+    cm = (ROOT / "CMakeLists.txt").read_text()
+    var = dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', cm))
+    assert "project(CMBDetector)" in cm and "find_package(Slicer REQUIRED)" in cm
+    assert "add_subdirectory(CMBDetector)" in cm and "Slicer_EXTENSION_CPACK" in cm
+    assert var["EXTENSION_DEPENDS"] == "PyTorch"
+    s4 = {}
+    for line in (ROOT / "CMBDetector.s4ext").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            s4[key] = value.strip()
+    for key in ("scm", "scmurl", "depends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "screenshoturls", "description", "enabled"):
+        assert key in s4, key
+    assert s4["homepage"] == var["EXTENSION_HOMEPAGE"]
+    assert s4["category"] == var["EXTENSION_CATEGORY"]
+    assert s4["depends"] == var["EXTENSION_DEPENDS"]
+    assert s4["iconurl"] == var["EXTENSION_ICONURL"]
+    assert s4["description"] == var["EXTENSION_DESCRIPTION"]
+    assert s4["contributors"] == var["EXTENSION_CONTRIBUTORS"]
+    assert var["EXTENSION_ICONURL"].endswith("CMBDetector/Resources/Icons/CMBDetector.png")
+    cat = json.loads((ROOT / "CMBDetector.json").read_text())
+    assert cat["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert {"category", "scm_url"} <= set(cat)
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type",
+               "build_dependencies", "build_subdirectory", "enabled", "tier"}
+    assert set(cat) <= allowed
+    assert cat["category"] == var["EXTENSION_CATEGORY"]
+    assert cat["build_dependencies"] == var["EXTENSION_DEPENDS"].split()
+    assert cat["scm_url"] == s4["scmurl"]
+
+
+def test_demo_sample_data_checksum_matches():
+    demo = MODULE / "Resources" / "SampleData" / "CMBDemo_SWI.nii.gz"
+    tree = ast.parse(SOURCE.read_text())
+    value = next(n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                 and getattr(n.targets[0], "id", "") == "DEMO_SHA256")
+    if not demo.exists():
+        assert value is None  # nothing registered for a file that is not there
+        pytest.skip("demo scan not bundled yet")
+    assert value == hashlib.sha256(demo.read_bytes()).hexdigest(), \
+        "update DEMO_SHA256 in CMBDetector.py to the demo scan's sha256"
