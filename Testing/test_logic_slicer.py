@@ -300,6 +300,24 @@ def test_subprocess_worker_and_fast_cancel(scene, scan):
                                   detectorSpec="no_such_module_xyz:detect")
 
 
+def test_default_engine_without_weights_is_a_clear_error(scene, scan, tmp_path, monkeypatch):
+    """The default detector is the real engine; missing weights -> ModelError, scene as before."""
+    pytest.importorskip("torch")
+    import CMBDetectorLib.models as models
+    from CMBDetectorLib.errors import ModelError
+
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)  # an empty weights folder
+    arr, m, _ = scan
+    node = add_volume(scene, arr, m)
+    sig = mrml.scene_signature(scene)
+    stages = []
+    with pytest.raises(ModelError, match="manifest.json"):
+        CMBDetectorLogic(scene).process(node, "swi", device="CPU",
+                                        progress=lambda s, f: stages.append(s))
+    assert stages == ["loading models"]
+    assert mrml.scene_signature(scene) == sig
+
+
 MANIFEST = ROOT / "CMBDetector" / "Resources" / "Models" / "manifest.json"
 
 

@@ -55,10 +55,26 @@ def torch_info() -> dict:
             "cuda_version": getattr(torch.version, "cuda", None) or ""}
 
 
-def _default_detector(*args, **kwargs):
-    from .detection import detect
+def engine_detect(volume, modality, mask=None, settings=None, device=None, progress=None,
+                  cancel=None):
+    """The real engine with the bundled weights on ``device`` (auto/cpu/cuda).
 
-    return detect(*args, **kwargs)
+    Without ``settings`` the operating point stored with the weights is used (only the device
+    is overridden), so the GUI does not silently replace validated thresholds by defaults.
+    """
+    from .detection import default_settings, detect
+    from .models import load_bundle
+
+    if progress is not None:
+        progress("loading models", 0.0)
+    dev = device or (settings.device if settings is not None else "auto")
+    models = load_bundle(device=dev)
+    if settings is None:
+        settings = default_settings(models, device=dev)
+    elif device:
+        settings.device = device
+    return detect(volume, modality, mask=mask, settings=settings, models=models,
+                  progress=progress, cancel=cancel)
 
 
 class CMBDetectorLogic:
@@ -69,13 +85,14 @@ class CMBDetectorLogic:
     scene : vtkMRMLScene, optional
         Scene to work in; default ``slicer.mrmlScene``.
     detector : callable, optional
-        ``detector(volume, modality, mask=, settings=, progress=, cancel=) -> DetectionResult``;
-        default the engine's :func:`CMBDetectorLib.detection.detect` with the bundled weights.
+        ``detector(volume, modality, mask=, settings=, progress=, cancel=) -> DetectionResult``
+        (``settings`` may be None); default :func:`engine_detect`, i.e. the engine's
+        :func:`CMBDetectorLib.detection.detect` with the bundled weights.
     """
 
     def __init__(self, scene=None, detector: Callable | None = None):
         self._scene = scene
-        self.detector = detector or _default_detector
+        self.detector = detector
         #: volume node ID -> DetectionResult (all candidates; the slider re-filters these)
         self.results: dict = {}
 
@@ -92,22 +109,27 @@ class CMBDetectorLogic:
         return volume, mask, modality
 
     @staticmethod
-    def makeSettings(settings=None, threshold=None, device=None) -> DetectionSettings:
-        """A validated copy of ``settings`` (dataclass, dict or None) with GUI overrides."""
+    def makeSettings(settings=None) -> DetectionSettings | None:
+        """A validated copy of ``settings`` (dataclass, dict or None -> None = engine default)."""
         if settings is None:
-            s = DetectionSettings()
-        elif isinstance(settings, DetectionSettings):
-            s = DetectionSettings.from_dict(settings.to_dict())
-        else:
-            s = DetectionSettings.from_dict(dict(settings))
-        if threshold is not None:
-            s.threshold = float(threshold)
-        if device is not None:
-            dev = DEVICE_ALIASES.get(str(device).lower())
-            if dev is None:
-                raise InputError(f"device must be Auto, CPU or GPU, got {device!r}")
-            s.device = dev
-        return s.validate()
+            return None
+        if isinstance(settings, DetectionSettings):
+            return DetectionSettings.from_dict(settings.to_dict())
+        return DetectionSettings.from_dict(dict(settings))
+
+    @staticmethod
+    def normaliseDevice(device) -> str | None:
+        if device is None:
+            return None
+        dev = DEVICE_ALIASES.get(str(device).strip().lower())
+        if dev is None:
+            raise InputError(f"device must be Auto, CPU or GPU, got {device!r}")
+        return dev
+
+    @staticmethod
+    def _checkThreshold(threshold):
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise InputError(f"threshold must be in [0, 1], got {threshold}")
 
     def process(self, inputVolumeNode, modality, maskNode=None, settings=None, threshold=None,
                 device=None, progress=None, cancel=None) -> dict:
@@ -117,13 +139,18 @@ class CMBDetectorLogic:
         lesions found again are kept). Raises :class:`CMBError` subclasses for user problems
         (:class:`Cancelled` when ``cancel()`` returned True); the scene is then unchanged.
         """
-        s = self.makeSettings(settings, threshold, device)
+        s, dev = self.makeSettings(settings), self.normaliseDevice(device)
+        self._checkThreshold(threshold)
         volume, mask, modality = self.prepare(inputVolumeNode, modality, maskNode)
-        result = self.detector(volume, modality, mask=mask, settings=s, progress=progress,
-                               cancel=cancel)
+        if self.detector is None:
+            result = engine_detect(volume, modality, mask=mask, settings=s, device=dev,
+                                   progress=progress, cancel=cancel)
+        else:
+            result = self.detector(volume, modality, mask=mask, settings=s, progress=progress,
+                                   cancel=cancel)
         if cancel is not None and cancel():
             raise Cancelled("detection cancelled")
-        return self.publish(inputVolumeNode, result, s.threshold)
+        return self.publish(inputVolumeNode, result, threshold)
 
     def processInSubprocess(self, inputVolumeNode, modality, maskNode=None, settings=None,
                             threshold=None, device=None, progress=None, cancel=None,
@@ -133,7 +160,8 @@ class CMBDetectorLogic:
         The GUI stays responsive when ``idle`` (e.g. ``slicer.app.processEvents``) is called
         while waiting; ``cancel()`` returning True kills the child at once.
         """
-        s = self.makeSettings(settings, threshold, device)
+        s, dev = self.makeSettings(settings), self.normaliseDevice(device)
+        self._checkThreshold(threshold)
         volume, mask, modality = self.prepare(inputVolumeNode, modality, maskNode)
         work = tempfile.mkdtemp(prefix="CMBDetector-")
         try:
@@ -142,10 +170,13 @@ class CMBDetectorLogic:
             write_volume(volume, os.path.join(work, "input.nii.gz"), compress=False)
             cmd = [python or worker_python(), "-m", "CMBDetectorLib.worker",
                    "--input", os.path.join(work, "input.nii.gz"), "--modality", modality,
-                   "--output", os.path.join(work, "out"),
-                   "--settings", os.path.join(work, "settings.json")]
-            with open(os.path.join(work, "settings.json"), "w") as fh:
-                json.dump(s.to_dict(), fh)
+                   "--output", os.path.join(work, "out")]
+            if s is not None:
+                with open(os.path.join(work, "settings.json"), "w") as fh:
+                    json.dump(s.to_dict(), fh)
+                cmd += ["--settings", os.path.join(work, "settings.json")]
+            if dev is not None:
+                cmd += ["--device", dev]
             if mask is not None:
                 write_volume(mask, os.path.join(work, "mask.nii.gz"), compress=False)
                 cmd += ["--mask", os.path.join(work, "mask.nii.gz")]
@@ -153,7 +184,7 @@ class CMBDetectorLogic:
                 cmd += ["--detector", detectorSpec]
             result = run_worker(cmd, progress=progress, cancel=cancel, idle=idle,
                                 pollSeconds=pollSeconds, output=os.path.join(work, "out"))
-            return self.publish(inputVolumeNode, result, s.threshold)
+            return self.publish(inputVolumeNode, result, threshold)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

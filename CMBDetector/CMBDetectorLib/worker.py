@@ -88,11 +88,8 @@ def load_result(folder) -> DetectionResult:
                            settings=meta.get("settings", {}), brain_mask=mask)
 
 
-def resolve_detector(spec: str | None):
-    """``None`` -> the engine's ``detect``; ``"package.module:function"`` -> that callable."""
-    if not spec:
-        from .detection import detect
-        return detect
+def resolve_detector(spec: str):
+    """``"package.module:function"`` -> that callable (a stand-in for tests)."""
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr or "detect")
 
@@ -117,9 +114,15 @@ def run(args) -> int:
         if not volume.same_grid(mask):
             raise InputError("the brain mask is not on the scan's grid")
         mask = volume.with_array((mask.array > 0).astype(np.uint8))
-    detector = resolve_detector(args.detector)
-    result = detector(volume, args.modality, mask=mask, settings=settings, progress=_progress,
-                      cancel=None)
+    if args.detector:
+        result = resolve_detector(args.detector)(volume, args.modality, mask=mask,
+                                                 settings=settings, progress=_progress,
+                                                 cancel=None)
+    else:
+        from .logic import engine_detect
+
+        result = engine_detect(volume, args.modality, mask=mask, settings=settings,
+                               device=args.device, progress=_progress)
     _progress("writing result", 1.0)
     save_result(result, args.output)
     print(DONE_TAG, flush=True)
@@ -133,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="brain mask on the scan's grid")
     p.add_argument("--settings", help="JSON file of DetectionSettings")
     p.add_argument("--output", required=True, help="folder for result.json / result.npz")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="inference device")
     p.add_argument("--detector", help="module:function replacing the engine (tests)")
     return p
 
