@@ -87,7 +87,7 @@ class SimulationConfig:
     snr: float | None = None  # WM signal / noise sigma; None: 25-60
     fine_mm: float = 0.25  # sub-voxel spacing for compact sources (<= 0.5)
     field_min_mm: float = 1.0  # finest spacing of the field grid
-    margin_mm: float = 16.0  # field-grid margin beyond the target field of view
+    margin_mm: float = 12.0  # field-grid margin beyond the target field of view
     homodyne_sigma_mm: float = 3.0
     swi_power: int = 4
     qsm_blur_vox: float = 0.6
@@ -146,78 +146,95 @@ def _rotation(rng, max_deg):
 
 # ----------------------------------------------------------------------------------------------
 # anatomy sampling
-def _template_coords(grid: _Grid, warp, tpl, k_offsets=(0.0,)):
-    """Template index coordinates of the grid's voxel centres (smooth: computed on a coarse
-    lattice and interpolated), one array (3, Ni, Nj, Nk) per slice offset."""
-    from scipy import ndimage as ndi
-
-    step = 4
-    out = []
-    for dk in k_offsets:
-        coarse = [np.linspace(0, n - 1, max(2, int(math.ceil((n - 1) / step)) + 1))
-                  for n in grid.shape]
-        ci = np.stack(np.meshgrid(*coarse, indexing="ij"), -1)
-        ci[..., 2] += dk
-        mni = warp.to_template(grid.to_ras(ci.reshape(-1, 3)))
-        idx = tpl.to_index(mni).reshape(ci.shape).astype(np.float32)
-        zoom = [n / c for n, c in zip(grid.shape, ci.shape[:3])]
-        full = np.empty((3,) + grid.shape, np.float32)
+def _template_coords(grid: _Grid, warp, tpl, dk=0.0):
+    """Template index coordinates (3, Ni, Nj, Nk) of the grid's voxel centres, shifted by ``dk``
+    voxels along k. The affine part and each sinusoidal displacement mode are separable in the
+    voxel indices, so this costs a few broadcast multiply-adds per voxel (no interpolation)."""
+    ni, nj, nk = grid.shape
+    m = grid.direction * grid.spacing
+    o = grid.origin + m[:, 2] * dk
+    # template index = L (x - c0 - shift) + c0 + u(x) - tpl.origin, x = o + m ijk
+    L = warp.lin_inv
+    base = L @ (o - warp.c0 - warp.shift) + warp.c0 - tpl.origin
+    Lm = L @ m
+    ii = np.arange(ni, dtype=np.float32)
+    jj = np.arange(nj, dtype=np.float32)
+    kk = np.arange(nk, dtype=np.float32)
+    out = np.empty((3, ni, nj, nk), np.float32)
+    for a in range(3):
+        out[a] = ((Lm[a, 0] * ii + base[a])[:, None, None] + (Lm[a, 1] * jj)[None, :, None]
+                  + (Lm[a, 2] * kk)[None, None, :])
+    for kv, ph, amp in warp.modes:
+        w = 2 * np.pi * (m.T @ kv)  # phase increment per voxel along i, j, k
+        p0 = 2 * np.pi * float(o @ kv) + ph
+        aij = (w[0] * ii[:, None] + w[1] * jj[None, :] + p0).astype(np.float32)
+        bk = (w[2] * kk).astype(np.float32)
+        sa, ca = np.sin(aij)[:, :, None], np.cos(aij)[:, :, None]
+        sinv = sa * np.cos(bk)[None, None, :] + ca * np.sin(bk)[None, None, :]
         for a in range(3):
-            z = ndi.zoom(idx[..., a], zoom, order=1, grid_mode=False)
-            full[a] = z[: grid.shape[0], : grid.shape[1], : grid.shape[2]]
-        out.append(full)
+            if amp[a] != 0:
+                out[a] += np.float32(amp[a]) * sinv
     return out
 
 
 def _sample_anatomy(grid: _Grid, warp, tpl):
-    """Tissue fractions on ``grid`` (partial volume across thick slices by sub-sampling)."""
+    """Tissue fractions on ``grid`` (partial volume across thick slices by sub-sampling).
+
+    Only points near the brain are sampled for GM/WM/brain, only points near the sinuses for the
+    sinus map: most of a head-sized box is outside the brain.
+    """
     from scipy import ndimage as ndi
 
     n_sub = max(1, int(math.ceil(grid.spacing[2] / 1.0 - 0.3)))
     offs = [((s + 0.5) / n_sub - 0.5) for s in range(n_sub)]
-    coords = _template_coords(grid, warp, tpl, offs)
-    acc = {}
-    for ci, c in enumerate(coords):
-        for name in ("gm", "wm", "brain", "sinus", "d_out"):
-            arr = getattr(tpl, name)
-            v = ndi.map_coordinates(arr, c, order=1, mode="nearest" if name == "d_out"
-                                    else "constant", cval=0.0, prefilter=False)
-            if name == "d_out":
-                # out-of-template points are far outside the head
-                outside = np.zeros(v.shape, bool)
-                for a, n in enumerate(arr.shape):
-                    outside |= (c[a] < 0) | (c[a] > n - 1)
-                v[outside] = 100.0
-                d = v
-                v = {}
-                v["rim"] = np.clip(2.5 - d + 0.5, 0, 1) * (d > -0.5)
-                v["bone"] = np.clip(d - 2.5 + 0.5, 0, 1) * np.clip(9.0 - d + 0.5, 0, 1)
-                v["scalp"] = np.clip(d - 9.0 + 0.5, 0, 1) * np.clip(14.0 - d + 0.5, 0, 1)
-                for kk, vv in v.items():
-                    acc[kk] = acc.get(kk, 0) + vv.astype(np.float32) / n_sub
-                continue
-            acc[name] = acc.get(name, 0) + v / n_sub
-        if ci == len(coords) // 2:
-            acc["nuclei"] = ndi.map_coordinates(tpl.nuclei, c, order=0, mode="constant",
-                                                cval=0, prefilter=False).astype(np.uint8)
-            acc["_coords"] = c
+    shp = grid.shape
+    acc = {k: np.zeros(shp, np.float32) for k in ("gm", "wm", "brain", "sinus", "rim", "bone",
+                                                   "scalp")}
+    nuclei = None
+    sin_lo = np.argwhere(tpl.sinus > 0.01).min(0) - 1
+    sin_hi = np.argwhere(tpl.sinus > 0.01).max(0) + 1
+    tshape = np.array(tpl.brain.shape)
+    for si, dk in enumerate(offs):
+        c = _template_coords(grid, warp, tpl, dk)
+        d = ndi.map_coordinates(tpl.d_out, c, order=1, mode="nearest", prefilter=False)
+        inside_t = np.ones(shp, bool)
+        for a in range(3):
+            inside_t &= (c[a] >= 0) & (c[a] <= tshape[a] - 1)
+        d[~inside_t] = 100.0
+        w = np.float32(1.0 / n_sub)
+        acc["rim"] += w * np.clip(3.0 - d, 0, 1) * (d > -0.5)
+        acc["bone"] += w * np.clip(d - 2.0, 0, 1) * np.clip(9.5 - d, 0, 1)
+        acc["scalp"] += w * np.clip(d - 9.0, 0, 1) * np.clip(14.5 - d, 0, 1)
+        near = d < 1.5
+        cn = c[:, near]
+        for name in ("gm", "wm", "brain"):
+            acc[name][near] += w * ndi.map_coordinates(getattr(tpl, name), cn, order=1,
+                                                        mode="constant", prefilter=False)
+        ns = near.copy()
+        ns[:] = True
+        for a in range(3):
+            ns &= (c[a] >= sin_lo[a]) & (c[a] <= sin_hi[a])
+        if np.any(ns):
+            acc["sinus"][ns] += w * ndi.map_coordinates(tpl.sinus, c[:, ns], order=1,
+                                                         mode="constant", prefilter=False)
+        if si == len(offs) // 2:
+            nuclei = np.zeros(shp, np.uint8)
+            nuclei[near] = ndi.map_coordinates(tpl.nuclei, cn, order=0, mode="constant",
+                                               prefilter=False)
+        del c, d, cn
     brain = np.clip(acc["brain"], 0, 1)
     gm = np.minimum(acc["gm"], brain)
     wm = np.minimum(acc["wm"], np.clip(brain - gm, 0, 1))
     csf = np.clip(brain - gm - wm, 0, 1)
-    outside = np.clip(1 - brain, 0, 1)
+    outside = 1 - brain
     sinus = np.clip(acc["sinus"], 0, 1) * outside
-    rim = acc["rim"] * outside * (1 - sinus)
-    bone = np.minimum(acc["bone"], 1) * outside * (1 - sinus)
-    scalp = np.minimum(acc["scalp"], 1) * outside * (1 - sinus)
-    tot = rim + bone + scalp
-    over = tot > outside
-    if np.any(over):
-        f = np.where(over, outside / np.maximum(tot, 1e-6), 1.0)
-        rim, bone, scalp = rim * f, bone * f, scalp * f
+    keep = outside - sinus
+    rim = acc["rim"] * keep
+    bone = np.minimum(acc["bone"], 1) * keep
+    scalp = np.minimum(acc["scalp"], 1) * keep
     air = np.clip(1 - brain - rim - bone - scalp, 0, 1)
     return dict(gm=gm, wm=wm, csf=csf + rim, brain=brain, bone=bone, scalp=scalp, air=air,
-                sinus=sinus, nuclei=acc["nuclei"])
+                sinus=sinus, nuclei=nuclei)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -638,7 +655,8 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
     deph = np.ones(tuple(shape), np.float32)
     for a in range(3):
         g = to_t(grads[a]) / sF[a] * spacing[a]  # ppm across one target voxel
-        deph *= np.sinc(phase_per_ppm * g / (2 * np.pi)).astype(np.float32)
+        y = np.abs(g * np.float32(phase_per_ppm / 2.0)) + np.float32(1e-6)
+        deph *= np.sin(y) / y
     del grads
     timings["resample"] = time.perf_counter() - t0
 
@@ -802,12 +820,18 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
     # --- bias, noise, images -----------------------------------------------------------
     t0 = time.perf_counter()
     if cfg.bias:
-        coarse = rng.normal(0, 1, (4, 4, 4)).astype(np.float32)
-        bias = ndi.zoom(coarse, np.array(shape) / 4.0, order=3, mode="nearest")
-        bias = bias[: shape[0], : shape[1], : shape[2]]
-        bias = np.pad(bias, [(0, s - b) for s, b in zip(shape, bias.shape)], mode="edge")
-        bias = np.exp(0.12 * bias).astype(np.float32)
-        sig *= bias
+        # smooth multiplicative field: a few separable low-frequency cosine products
+        logb = np.zeros(tuple(shape), np.float32)
+        for _ in range(4):
+            f = [np.cos(np.pi * rng.uniform(0.3, 1.2) * np.linspace(-1, 1, n) + rng.uniform(
+                0, 2 * np.pi)).astype(np.float32) for n in shape]
+            logb += np.float32(rng.normal(0, 0.07)) * (f[0][:, None, None] * f[1][None, :, None]
+                                                        * f[2][None, None, :])
+        for a in range(3):
+            lin = np.linspace(-1, 1, shape[a], dtype=np.float32) * np.float32(rng.normal(0, 0.06))
+            logb += lin.reshape([-1 if q == a else 1 for q in range(3)])
+        sig *= np.exp(logb)
+        del logb
     wm_ref = m0["wm"] * math.exp(-te * 1e-3 * r2s["wm"])
     sig *= np.float32(cfg.scale / wm_ref)
     if cfg.noise:
