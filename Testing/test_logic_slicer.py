@@ -131,6 +131,36 @@ def test_rerun_replaces_instead_of_piling_up(scene, scan):
     assert scene.GetNodesByName("CMB detections").GetNumberOfItems() == 2
 
 
+def test_rerun_review_follows_lesion_position_not_candidate_number(scene, scan):
+    """A new run numbers candidates afresh; statuses must follow the lesion's position."""
+    arr, m, _ = scan
+    node = add_volume(scene, arr, m)
+
+    def renumbered(volume, modality, **kw):  # same lesions, candidate numbers rotated
+        res = dark_blob_detector(volume, modality, **kw)
+        idx = sorted(c.index for c in res.candidates)
+        new = dict(zip(idx, idx[1:] + idx[:1]))
+        lut = np.arange(int(res.candidate_labels.max()) + 1)
+        for c in res.candidates:
+            lut[c.index] = new[c.index]
+            c.index = new[c.index]
+        res.candidate_labels = lut[res.candidate_labels].astype(np.int32)
+        return res
+
+    logic = CMBDetectorLogic(scene, detector=dark_blob_detector)
+    nodes = logic.process(node, "swi", threshold=0.3)
+    fid = nodes["fiducial"]
+    rejected_at = mrml.point_info(fid, 2)["ras"]
+    logic.setStatus(node, 2, "rejected")
+    logic.detector = renumbered
+    logic.process(node, "swi", threshold=0.3)
+    st = {mrml.point_info(fid, n)["ras"]: mrml.get_status(fid, n)
+          for n in range(fid.GetNumberOfControlPoints())}
+    assert list(st.values()).count("rejected") == 1
+    pos = [p for p, v in st.items() if v == "rejected"][0]
+    assert np.linalg.norm(np.subtract(pos, rejected_at)) < 0.01
+
+
 def test_cancel_and_errors_leave_scene_unchanged(scene, scan):
     arr, m, _ = scan
     node = add_volume(scene, arr, m)

@@ -205,7 +205,8 @@ class CMBDetectorLogic:
             raise InputError("no detection result for this volume yet; press Detect first")
         if not 0.0 <= float(threshold) <= 1.0:
             raise InputError(f"threshold must be in [0, 1], got {threshold}")
-        nodes = mrml.publish_result(self.scene, inputVolumeNode, result, threshold)
+        nodes = mrml.publish_result(self.scene, inputVolumeNode, result, threshold,
+                                    new_run=False)
         return len(nodes["lesions"])
 
     def setStatus(self, inputVolumeNode, index: int, status: str) -> None:

@@ -424,29 +424,54 @@ def _new_table(scene, volume_node):
     return table
 
 
-def review_state(fid) -> tuple[dict, list]:
-    """Statuses of detected candidates (candidate index -> status) and hand-added points."""
+#: A reviewed lesion keeps its status after a *new* detection run when a lesion is found again
+#: within this distance (candidate numbers of two runs are unrelated).
+REVIEW_MATCH_MM = 2.0
+
+
+def review_state(fid) -> tuple[dict, list, list]:
+    """Review of the current points: ``{candidate: status}``, ``[(ras, status)]`` of reviewed
+    detections, and the hand-added points."""
     statuses: dict = {}
+    positions: list = []
     added: list = []
     if fid is None:
-        return statuses, added
+        return statuses, positions, added
     for n in range(fid.GetNumberOfControlPoints()):
         info = point_info(fid, n)
         if "candidate" in info:
             statuses[info["candidate"]] = info["status"]
+            if info["status"] != "unreviewed":
+                positions.append((np.asarray(info["ras"]), info["status"]))
         else:
             added.append(info)
-    return statuses, added
+    return statuses, positions, added
 
 
-def fill_fiducials(fid, lesions, statuses=None, added=None) -> None:
-    """Replace the control points by ``lesions`` (world RAS), restoring review statuses."""
+def _status_near(ras, positions) -> str:
+    best, status = REVIEW_MATCH_MM, "unreviewed"
+    for pos, st in positions:
+        d = float(np.linalg.norm(np.asarray(ras) - pos))
+        if d <= best:
+            best, status = d, st
+    return status
+
+
+def fill_fiducials(fid, lesions, statuses=None, added=None, positions=None) -> None:
+    """Replace the control points by ``lesions`` (world RAS), restoring review statuses.
+
+    ``statuses`` maps candidate numbers of the *same* result to statuses (re-threshold);
+    ``positions`` lists ``(ras, status)`` matched by distance (a new run).
+    """
     statuses = statuses or {}
     was = fid.StartModify()
     fid.RemoveAllControlPoints()
     for les in list(lesions):
         n = fid.AddControlPoint(vtk.vtkVector3d(*les.centroid_ras), les.label)
-        status = statuses.get(les.candidate_index, "unreviewed")
+        if positions is not None:
+            status = _status_near(les.centroid_ras, positions)
+        else:
+            status = statuses.get(les.candidate_index, "unreviewed")
         fid.SetNthControlPointDescription(n, format_description(
             status, les.confidence, les.volume_mm3, les.diameter_mm, les.candidate_index))
         _style_point(fid, n, status)
@@ -505,24 +530,27 @@ def table_rows(table) -> list:
     return rows
 
 
-def publish_result(scene, volume_node, result, threshold=None, keep_review: bool = True) -> dict:
+def publish_result(scene, volume_node, result, threshold=None, keep_review: bool = True,
+                   new_run: bool = True) -> dict:
     """Show ``result`` for ``volume_node``: reuse (or create) its fiducial and table nodes.
 
     Re-running on the same volume replaces the previous lesions in the same nodes (no node
-    pile-up); with ``keep_review`` the statuses of candidates that are found again and the
-    hand-added points are kept. Returns ``{"fiducial", "table", "lesions"}``.
+    pile-up). With ``keep_review`` the hand-added points are kept, and review statuses follow
+    their lesions: by candidate number when only the threshold changed (``new_run=False``), by
+    position (within ``REVIEW_MATCH_MM``) after a new run. Returns
+    ``{"fiducial", "table", "lesions"}``.
     """
     scene = _scene_of(scene)
     t = result.threshold if threshold is None else float(threshold)
     nodes = find_result_nodes(scene, volume_node)
     fid, table = nodes.get("fiducial"), nodes.get("table")
-    statuses, added = review_state(fid) if keep_review else ({}, [])
+    statuses, positions, added = review_state(fid) if keep_review else ({}, [], [])
     if fid is None:
         fid = _new_fiducial(scene, volume_node)
     if table is None:
         table = _new_table(scene, volume_node)
     lesions = result.lesions(t)
-    fill_fiducials(fid, lesions, statuses, added)
+    fill_fiducials(fid, lesions, statuses, added, positions if new_run else None)
     fid.SetAttribute(THRESHOLD_ATTR, f"{t:.4f}")
     fid.SetAttribute(MODALITY_ATTR, result.modality)
     fill_table(table, fid)
