@@ -10,7 +10,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Annotated, Union
 
 import qt
 import slicer
@@ -144,6 +144,9 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsTableView.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.resultsTableView.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.ui.progressBar.setValue(0)
+        # one point per click: the reviewer adds a missed lesion, then goes on reviewing
+        self.ui.addLesionPlaceWidget.placeMultipleMarkups = \
+            slicer.qSlicerMarkupsPlaceWidget.ForcePlaceSingleMarkup
 
         self.initializeParameterNode()
         self.updateResultsView()

@@ -44,7 +44,6 @@ def make_app():
 
 def add_volume(scene, array, ijk_to_ras, name="sub-01_swi", cls="vtkMRMLScalarVolumeNode"):
     """Volume node from numpy (the same path slicer.util.addVolumeFromArray takes)."""
-    import slicer
     import vtk
     from vtk.util import numpy_support
 
@@ -67,7 +66,6 @@ def add_volume(scene, array, ijk_to_ras, name="sub-01_swi", cls="vtkMRMLScalarVo
             m.SetElement(r, c, float(ijk_to_ras[r, c]))
     node.SetIJKToRASMatrix(m)
     node.CreateDefaultDisplayNodes()
-    del slicer
     return node
 
 

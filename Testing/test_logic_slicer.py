@@ -6,7 +6,6 @@ weights and is skipped only while ``CMBDetector/Resources/Models/manifest.json``
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,6 @@ from slicer_scene_helpers import (add_linear_transform, add_volume, dark_blob_de
                                   make_app, rotation, synthetic_scan)
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTING = Path(__file__).resolve().parent
 
 
 @pytest.fixture()
