@@ -54,13 +54,13 @@ class TrainConfig:
     detector_patch: int = 48
     detector_steps: int = 1500
     detector_batch: int = 4
-    teacher_base: int = 24
-    teacher_hidden: int = 96
+    teacher_base: int = 16
+    teacher_hidden: int = 64
     student_base: int = 8
     student_hidden: int = 32
     disc_patch: int = 24
-    disc_steps: int = 1500
-    disc_batch: int = 32
+    disc_steps: int = 800
+    disc_batch: int = 16
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     lr: float = 1e-3
@@ -461,6 +461,8 @@ class Run:
 
         def loss_fn(m, batch):
             xb, _, cb = batch
+            if alpha <= 0:
+                return kd_loss(m(xb), None, cb, 0.0, self.cfg.kd_temperature)
             with torch.no_grad():
                 t_logits = teacher(xb)[0]
             return kd_loss(m(xb), t_logits, cb, alpha, self.cfg.kd_temperature)
