@@ -69,6 +69,8 @@ class Template:
     sulcal: np.ndarray | None = None  # (N,3) MNI mm of sulcal CSF voxels (pial vein seeds)
     periventricular: np.ndarray | None = None  # (N,3) MNI mm of WM next to the ventricles
     hull_top: dict = field(default_factory=dict)  # y (mm) -> top z (mm) of the hull at x=0
+    nuclei_frac: np.ndarray | None = None  # (len(NUCLEI), bx, by, bz) smooth L+R fractions
+    nuclei_lo: np.ndarray | None = None  # template index of nuclei_frac[:, 0, 0, 0]
 
     def to_index(self, mni):
         return np.asarray(mni, float) - self.origin
@@ -170,6 +172,13 @@ def load_template() -> Template:
             e = _ellipsoid(shape, origin, (sgn * c[0], c[1], c[2]), ax) & g & (nuclei == 0)
             nuclei[e] = l
     tpl = Template(origin, gm, wm, brain_f, d_out, sinus_f, nuclei)
+    nz = np.argwhere(nuclei > 0)
+    lo, hi = nz.min(0) - 3, nz.max(0) + 4
+    crop = nuclei[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    tpl.nuclei_lo = lo
+    tpl.nuclei_frac = np.stack([
+        ndi.gaussian_filter(((crop == lab) | (crop == lab + 1)).astype(np.float32), 0.8)
+        for (lab, *_r) in NUCLEI.values()])
     _derive_candidates(tpl, brain, ndi)
     return tpl
 

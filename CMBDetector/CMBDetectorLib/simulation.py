@@ -177,7 +177,7 @@ def _template_coords(grid: _Grid, warp, tpl, dk=0.0):
     return out
 
 
-def _sample_anatomy(grid: _Grid, warp, tpl):
+def _sample_anatomy(grid: _Grid, warp, tpl, iron_values=None):
     """Tissue fractions on ``grid`` (partial volume across thick slices by sub-sampling).
 
     Only points near the brain are sampled for GM/WM/brain, only points near the sinuses for the
@@ -217,6 +217,20 @@ def _sample_anatomy(grid: _Grid, warp, tpl):
         if np.any(ns):
             acc["sinus"][ns] += w * ndi.map_coordinates(tpl.sinus, c[:, ns], order=1,
                                                          mode="constant", prefilter=False)
+        nl = tpl.nuclei_lo
+        nh = nl + np.array(tpl.nuclei_frac.shape[1:]) - 1
+        inn = near.copy()
+        for a in range(3):
+            inn &= (c[a] >= nl[a]) & (c[a] <= nh[a])
+        if np.any(inn) and iron_values is not None:
+            if "iron" not in acc:
+                acc["iron"] = np.zeros(shp, np.float32)
+            cc = c[:, inn] - nl[:, None].astype(np.float32)
+            part = np.zeros(cc.shape[1], np.float32)
+            for q in range(len(tpl.nuclei_frac)):
+                part += np.float32(iron_values[q]) * ndi.map_coordinates(
+                    tpl.nuclei_frac[q], cc, order=1, mode="constant", prefilter=False)
+            acc["iron"][inn] += w * part
         if si == len(offs) // 2:
             nuclei = np.zeros(shp, np.uint8)
             nuclei[near] = ndi.map_coordinates(tpl.nuclei, cn, order=0, mode="constant",
@@ -234,7 +248,7 @@ def _sample_anatomy(grid: _Grid, warp, tpl):
     scalp = np.minimum(acc["scalp"], 1) * keep
     air = np.clip(1 - brain - rim - bone - scalp, 0, 1)
     return dict(gm=gm, wm=wm, csf=csf + rim, brain=brain, bone=bone, scalp=scalp, air=air,
-                sinus=sinus, nuclei=nuclei)
+                sinus=sinus, nuclei=nuclei, iron=acc.get("iron"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,8 +551,19 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
     oF_local = lo_l + sF / 2 - marg * sF if not same else lo_l + spacing / 2 - marg * spacing
     F = _Grid(nF, sF, direction, direction @ oF_local)
 
+    iron_chi = np.zeros(256, np.float32)
+    nuc_info = {}
+    iron_values = None
+    if cfg.iron:
+        iron_values = []
+        for name, (lab, c, ax, rngc, _) in NUCLEI.items():
+            v = rng.uniform(*rngc)
+            iron_values.append(v)
+            for l, sgn in ((lab, 1), (lab + 1, -1)):
+                iron_chi[l] = v
+                nuc_info[l] = (name, (sgn * c[0], c[1], c[2]))
     t0 = time.perf_counter()
-    an = _sample_anatomy(F, warp, tpl)
+    an = _sample_anatomy(F, warp, tpl, iron_values)
     timings["anatomy"] = time.perf_counter() - t0
 
     # --- tissue properties ----------------------------------------------------------------
@@ -549,15 +574,8 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
                scalp=jit(35.0) * r2s_scale)
     m0 = dict(gm=jit(0.80, 0.04), wm=jit(0.70, 0.04), csf=jit(0.95, 0.05), bone=0.05,
               scalp=jit(0.9, 0.1))
-    iron_chi = np.zeros(256, np.float32)
-    nuc_info = {}
-    if cfg.iron:
-        for name, (lab, c, ax, rngc, _) in NUCLEI.items():
-            v = rng.uniform(*rngc)
-            for l, sgn in ((lab, 1), (lab + 1, -1)):
-                iron_chi[l] = v * rng.uniform(0.93, 1.07)
-                nuc_info[l] = (name, (sgn * c[0], c[1], c[2]))
-    iron = iron_chi[an["nuclei"]] * np.clip(an["gm"] + an["wm"], 0, 1)
+    iron = an["iron"] if an["iron"] is not None else np.zeros(F.shape, np.float32)
+    iron *= np.clip(an["gm"] + an["wm"], 0, 1)
     dr = 137.0 * b0 / 3.0  # Hz/ppm, R2' of iron
     chi_w = an["gm"] * chi_gm + an["wm"] * chi_wm + iron  # vs water
     m0_map = (an["gm"] * m0["gm"] + an["wm"] * m0["wm"] + an["csf"] * m0["csf"]
@@ -898,3 +916,31 @@ def write_subject(subject: SimulatedSubject, out_dir, stem: str, modalities=MODA
 
 def config_to_dict(cfg: SimulationConfig) -> dict:
     return asdict(cfg)
+
+
+#: fixed recipe of the bundled demo scan (an axial slab through the basal ganglia)
+DEMO_SEED = 2024
+DEMO_CONFIG = dict(roi_mm=(150.0, 180.0, 42.0), roi_center_mni=(0.0, -18.0, 12.0),
+                   spacing_mm=(0.8, 0.8, 1.5), te_ms=20.0, b0_t=3.0, n_cmbs=6,
+                   oblique_deg=8.0, flip_axes=False, snr=45.0)
+
+
+def make_demo(out_dir, seed: int = DEMO_SEED) -> dict:
+    """Regenerate the demo scan ``CMBDemo_SWI.nii.gz`` (int16, a few MB) with its CMB label map,
+    mimic label map and ``CMBDemo_SWI_truth.json`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sub = simulate_subject(seed, SimulationConfig(**DEMO_CONFIG))
+    swi = sub.images["swi"]
+    swi16 = Volume(np.clip(np.round(swi.array), 0, 32767).astype(np.int16), swi.ijk_to_ras,
+                   "CMBDemo_SWI")
+    paths = {"swi": out / "CMBDemo_SWI.nii.gz", "cmb": out / "CMBDemo_SWI_cmb.nii.gz",
+             "mimics": out / "CMBDemo_SWI_mimics.nii.gz", "truth": out / "CMBDemo_SWI_truth.json"}
+    write_volume(swi16, paths["swi"])
+    write_volume(sub.cmb_labels, paths["cmb"])
+    write_volume(sub.mimic_labels, paths["mimics"])
+    truth = dict(sub.truth)
+    truth["params"] = dict(truth["params"], demo=True,
+                           regenerate="cmbdetector synth --demo  (or make_demo(dir))")
+    paths["truth"].write_text(json.dumps(truth, indent=1))
+    return paths
