@@ -392,6 +392,25 @@ def test_real_engine_path_with_tiny_trained_bundle(scene, small_subject, tiny_bu
     assert logic.setThreshold(node, 1.0) <= n_all
 
 
+def test_real_engine_in_worker_process_with_tiny_weights(scene, small_subject, tiny_run,
+                                                         tmp_path):
+    """What the Detect button runs: the engine in a child Python, weights from a folder."""
+    from CMBDetectorLib.volume import write_volume
+
+    path = tmp_path / "small_swi.nii.gz"
+    write_volume(small_subject.images["swi"], path)
+    node = _load_through_slicer(scene, path, "small_swi")
+    stages = []
+    logic = CMBDetectorLogic(scene, modelsDirectory=tiny_run[1])
+    nodes = logic.processInSubprocess(node, "SWI", threshold=0.0, device="CPU",
+                                      python=sys.executable,
+                                      progress=lambda s, f: stages.append(s))
+    assert {"loading models", "candidate detection", "writing result"} <= set(stages)
+    _check_nodes_match_result(logic, node, nodes)
+    result = logic.results[node.GetID()]
+    assert result.candidate_labels.shape == mrml.volume_from_node(node).array.shape
+
+
 MANIFEST = ROOT / "CMBDetector" / "Resources" / "Models" / "manifest.json"
 
 

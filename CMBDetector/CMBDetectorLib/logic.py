@@ -56,8 +56,9 @@ def torch_info() -> dict:
 
 
 def engine_detect(volume, modality, mask=None, settings=None, device=None, progress=None,
-                  cancel=None):
-    """The real engine with the bundled weights on ``device`` (auto/cpu/cuda).
+                  cancel=None, models_dir=None):
+    """The real engine with the bundled weights (or those in ``models_dir``, e.g. fine-tuned)
+    on ``device`` (auto/cpu/cuda).
 
     Without ``settings`` the operating point stored with the weights is used (only the device
     is overridden), so the GUI does not silently replace validated thresholds by defaults.
@@ -68,7 +69,7 @@ def engine_detect(volume, modality, mask=None, settings=None, device=None, progr
     if progress is not None:
         progress("loading models", 0.0)
     dev = device or (settings.device if settings is not None else "auto")
-    models = load_bundle(device=dev)
+    models = load_bundle(models_dir, device=dev)
     if settings is None:
         settings = default_settings(models, device=dev)
     elif device:
@@ -90,9 +91,11 @@ class CMBDetectorLogic:
         :func:`CMBDetectorLib.detection.detect` with the bundled weights.
     """
 
-    def __init__(self, scene=None, detector: Callable | None = None):
+    def __init__(self, scene=None, detector: Callable | None = None, modelsDirectory=None):
         self._scene = scene
         self.detector = detector
+        #: weights folder for the default engine (None = bundled weights)
+        self.modelsDirectory = modelsDirectory
         #: volume node ID -> DetectionResult (all candidates; the slider re-filters these)
         self.results: dict = {}
 
@@ -144,7 +147,8 @@ class CMBDetectorLogic:
         volume, mask, modality = self.prepare(inputVolumeNode, modality, maskNode)
         if self.detector is None:
             result = engine_detect(volume, modality, mask=mask, settings=s, device=dev,
-                                   progress=progress, cancel=cancel)
+                                   progress=progress, cancel=cancel,
+                                   models_dir=self.modelsDirectory)
         else:
             result = self.detector(volume, modality, mask=mask, settings=s, progress=progress,
                                    cancel=cancel)
@@ -177,6 +181,8 @@ class CMBDetectorLogic:
                 cmd += ["--settings", os.path.join(work, "settings.json")]
             if dev is not None:
                 cmd += ["--device", dev]
+            if self.modelsDirectory:
+                cmd += ["--models", str(self.modelsDirectory)]
             if mask is not None:
                 write_volume(mask, os.path.join(work, "mask.nii.gz"), compress=False)
                 cmd += ["--mask", os.path.join(work, "mask.nii.gz")]

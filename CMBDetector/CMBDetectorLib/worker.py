@@ -122,7 +122,7 @@ def run(args) -> int:
         from .logic import engine_detect
 
         result = engine_detect(volume, args.modality, mask=mask, settings=settings,
-                               device=args.device, progress=_progress)
+                               device=args.device, progress=_progress, models_dir=args.models)
     _progress("writing result", 1.0)
     save_result(result, args.output)
     print(DONE_TAG, flush=True)
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", help="JSON file of DetectionSettings")
     p.add_argument("--output", required=True, help="folder for result.json / result.npz")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="inference device")
+    p.add_argument("--models", help="weights folder with manifest.json (default: bundled)")
     p.add_argument("--detector", help="module:function replacing the engine (tests)")
     return p
 
