@@ -157,3 +157,27 @@ def test_description_round_trip_and_status_style(scene):
     assert fid.GetNthControlPointSelected(0) and fid.GetNthControlPointLocked(0)
     with pytest.raises(InputError):
         mrml.set_status(fid, 0, "maybe")
+
+
+def test_demo_scan_truth_lands_on_dark_voxels_when_read_by_slicer(scene):
+    """Slicer's reader and the simulator agree on where the demo's CMBs are (world RAS)."""
+    import json
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "CMBDetector/Resources/SampleData/CMBDemo_SWI.nii.gz"
+    if not demo.exists():
+        pytest.skip("demo scan not bundled yet")
+    vlogic = slicer.vtkSlicerVolumesLogic()
+    vlogic.SetMRMLScene(scene)
+    node = vlogic.AddArchetypeVolume(str(demo), "CMBDemo_SWI")
+    assert mrml.guess_modality(node.GetName()) == "swi"
+    vol = mrml.volume_from_node(node)
+    truth = json.loads(demo.with_name("CMBDemo_SWI_truth.json").read_text())["cmbs"]
+    assert truth
+    median = float(np.median(vol.array[vol.array > 0]))
+    for cmb in truth:
+        i, j, k = np.rint(vol.ras_to_ijk_points(cmb["centre_ras"])[0]).astype(int)
+        assert 0 <= k < vol.array.shape[0] and 0 <= j < vol.array.shape[1] \
+            and 0 <= i < vol.array.shape[2]
+        patch = vol.array[max(k - 1, 0):k + 2, max(j - 1, 0):j + 2, max(i - 1, 0):i + 2]
+        assert patch.min() < 0.8 * median, (cmb["id"], patch.min(), median)
