@@ -201,3 +201,19 @@ def test_demo_scan_matches_its_truth():
         assert value_at(vol, c["centre_ras"]) < np.median(shell(vol, c["centre_ras"], 7, 10))
     total = sum(p.stat().st_size for p in root.glob("CMBDemo_SWI*"))
     assert total <= 5 * 1024 * 1024
+
+
+def test_synth_cli_writes_requested_modalities(tmp_path, capsys):
+    from CMBDetectorLib.cli import main
+
+    rc = main(["synth", "--n", "2", "--modality", "swi", "--out", str(tmp_path), "--seed", "3",
+               "--roi-mm", "24", "--n-cmbs", "1", "--spacing", "1", "1", "1.5"])
+    assert rc == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    for seed in (3, 4):
+        assert f"sub-{seed:05d}_swi.nii.gz" in names and f"sub-{seed:05d}_truth.json" in names
+        assert f"sub-{seed:05d}_cmb.nii.gz" in names
+    assert not any(n.endswith("_gre.nii.gz") or n.endswith("_qsm.nii.gz") for n in names)
+    err = capsys.readouterr().err
+    assert "2/2" in err  # progress bar on stderr
+    assert main(["synth", "--n", "1"]) == 1  # --out missing: one-line user error
