@@ -117,15 +117,23 @@ def test_labelmap_mask_on_other_grid_is_resampled_through_ras(scene, scan):
     assert (np.abs(outside).max(axis=1) >= 9.5).all()
 
 
-def test_segmentation_mask(scene, scan):
+@pytest.mark.parametrize("transformed", [False, True])
+def test_segmentation_mask(scene, scan, transformed):
     arr, m, _ = scan
     node = add_volume(scene, arr, m)
-    vol = mrml.volume_from_node(node)
     lab = np.zeros(arr.shape, np.uint8)
     lab[5:20, 10:50, 10:50] = 1
     lab_node = add_volume(scene, lab, m, name="lab", cls="vtkMRMLLabelMapVolumeNode")
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain seg")
     slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab_node, seg)
+    if transformed:  # scan and mask moved together by one registration transform
+        t = np.eye(4)
+        t[:3, :3] = rotation((10.0, 0.0, -20.0))
+        t[:3, 3] = [7.0, -3.0, 11.0]
+        tnode = add_linear_transform(scene, t)
+        node.SetAndObserveTransformNodeID(tnode.GetID())
+        seg.SetAndObserveTransformNodeID(tnode.GetID())
+    vol = mrml.volume_from_node(node)
     n_before = scene.GetNumberOfNodes()
     mask = mrml.mask_from_node(seg, vol)
     assert scene.GetNumberOfNodes() == n_before  # temporary label map removed
