@@ -443,3 +443,14 @@ def test_real_engine_with_bundled_weights(scene, small_subject, tmp_path):
     # at least half of the true CMBs have a fiducial within 2 mm
     hits = (_match_error(found, truth) < 2.0).mean()
     assert hits >= 0.5, f"{hits:.2f} of {len(truth)} true CMBs found"
+
+
+def test_worker_needs_no_slicer_and_logic_no_qt():
+    """The worker runs in a bare PythonSlicer; the logic must import without Qt."""
+    import subprocess
+
+    code = ("import sys, CMBDetectorLib.worker; assert 'slicer' not in sys.modules; "
+            "import CMBDetectorLib.logic; assert 'qt' not in sys.modules and "
+            "'torch' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-500:]

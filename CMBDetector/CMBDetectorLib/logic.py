@@ -26,6 +26,7 @@ from typing import Callable
 from . import MODALITIES, mrml
 from .errors import Cancelled, CMBError, InputError
 from .settings import DetectionSettings
+from .worker import engine_detect
 
 _MODALITY_ALIASES = {"swi": "swi", "gre": "gre", "t2*-gre": "gre", "t2*": "gre", "t2star": "gre",
                      "t2*gre": "gre", "qsm": "qsm"}
@@ -53,29 +54,6 @@ def torch_info() -> dict:
             "device": "cuda" if cuda else "cpu",
             "gpu": torch.cuda.get_device_name(0) if cuda else "",
             "cuda_version": getattr(torch.version, "cuda", None) or ""}
-
-
-def engine_detect(volume, modality, mask=None, settings=None, device=None, progress=None,
-                  cancel=None, models_dir=None):
-    """The real engine with the bundled weights (or those in ``models_dir``, e.g. fine-tuned)
-    on ``device`` (auto/cpu/cuda).
-
-    Without ``settings`` the operating point stored with the weights is used (only the device
-    is overridden), so the GUI does not silently replace validated thresholds by defaults.
-    """
-    from .detection import default_settings, detect
-    from .models import load_bundle
-
-    if progress is not None:
-        progress("loading models", 0.0)
-    dev = device or (settings.device if settings is not None else "auto")
-    models = load_bundle(models_dir, device=dev)
-    if settings is None:
-        settings = default_settings(models, device=dev)
-    elif device:
-        settings.device = device
-    return detect(volume, modality, mask=mask, settings=settings, models=models,
-                  progress=progress, cancel=cancel)
 
 
 class CMBDetectorLogic:

@@ -5,7 +5,8 @@ Run as ``PythonSlicer -m CMBDetectorLib.worker --input scan.nii.gz --modality sw
 update, ``CMB-PROGRESS<TAB>stage<TAB>fraction``; a user error as ``CMB-ERROR<TAB>message`` with
 exit code 1. The result is written to ``DIR/result.json`` (candidates, provenance) and
 ``DIR/result.npz`` (candidate label map, brain mask) and read back with :func:`load_result`.
-JSON + npz instead of pickle: nothing executable crosses the process border.
+JSON + npz instead of pickle: nothing executable crosses the process border. Imports neither
+Qt nor ``slicer``, so it runs in a bare ``PythonSlicer``.
 """
 from __future__ import annotations
 
@@ -88,6 +89,29 @@ def load_result(folder) -> DetectionResult:
                            settings=meta.get("settings", {}), brain_mask=mask)
 
 
+def engine_detect(volume, modality, mask=None, settings=None, device=None, progress=None,
+                  cancel=None, models_dir=None):
+    """The real engine with the bundled weights (or those in ``models_dir``, e.g. fine-tuned)
+    on ``device`` (auto/cpu/cuda).
+
+    Without ``settings`` the operating point stored with the weights is used (only the device
+    is overridden), so the GUI does not silently replace validated thresholds by defaults.
+    """
+    from .detection import default_settings, detect
+    from .models import load_bundle
+
+    if progress is not None:
+        progress("loading models", 0.0)
+    dev = device or (settings.device if settings is not None else "auto")
+    models = load_bundle(models_dir, device=dev)
+    if settings is None:
+        settings = default_settings(models, device=dev)
+    elif device:
+        settings.device = device
+    return detect(volume, modality, mask=mask, settings=settings, models=models,
+                  progress=progress, cancel=cancel)
+
+
 def resolve_detector(spec: str):
     """``"package.module:function"`` -> that callable (a stand-in for tests)."""
     module, _, attr = spec.partition(":")
@@ -119,8 +143,6 @@ def run(args) -> int:
                                                  settings=settings, progress=_progress,
                                                  cancel=None)
     else:
-        from .logic import engine_detect
-
         result = engine_detect(volume, args.modality, mask=mask, settings=settings,
                                device=args.device, progress=_progress, models_dir=args.models)
     _progress("writing result", 1.0)
