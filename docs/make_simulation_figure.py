@@ -15,7 +15,10 @@ def main(out="docs/simulation_examples.png", seed=7):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from CMBDetectorLib.anatomy import load_template
     from CMBDetectorLib.simulation import SimulationConfig, simulate_subject
+
+    load_template()  # once per process; not part of the per-subject time
 
     cfg = SimulationConfig(spacing_mm=(0.7, 0.7, 1.5), te_ms=20.0, b0_t=3.0, n_cmbs=12,
                            oblique_deg=6.0, flip_axes=False)

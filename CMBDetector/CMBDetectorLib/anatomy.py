@@ -90,7 +90,7 @@ def category_of(mni) -> tuple[str, str]:
     """Category ('lobar' | 'deep' | 'infratentorial') and region name of an MNI point."""
     x, y, z = (float(v) for v in mni)
     side = "right" if x >= 0 else "left"
-    if _infratentorial(x, y, z):
+    if bool(_infratentorial(x, y, z)):
         if abs(x) < 14 and y > -48:
             return "infratentorial", "brainstem"
         return "infratentorial", f"cerebellum_{side}"
@@ -115,9 +115,15 @@ def category_of(mni) -> tuple[str, str]:
 
 
 def _infratentorial(x, y, z):
-    if y < -40 and z < -12 + 0.3 * (-y - 40):
-        return True
-    return abs(x) < 15 and -45 <= y <= -8 and z < -12
+    """Below the tentorium (cerebellum) or in the brainstem; works on scalars and arrays.
+
+    The tentorium follows the straight sinus in the midline (z ~ 5 mm at y = -48 falling to
+    ~0 at y = -100) and slopes down laterally to the petrous ridges / transverse sinuses."""
+    x, y, z = (np.asarray(v, float) for v in (x, y, z))
+    z_tent = 5.0 - 0.1 * (-y - 48.0) - 0.5 * np.abs(x)
+    cerebellum = (y < -42) & (z < z_tent) & ~((np.abs(x) > 40) & (y > -55))
+    brainstem = (np.abs(x) < 15) & (y >= -48) & (y <= -8) & (z < -12)
+    return cerebellum | brainstem
 
 
 def _deep_box(x, y, z):
@@ -191,8 +197,7 @@ def _derive_candidates(tpl: Template, brain, ndi) -> None:
     mni = tpl.to_mni(idx)
     cats = {"lobar": [], "deep": [], "infratentorial": []}
     x, y, z = mni.T
-    infra = (y < -40) & (z < -12 + 0.3 * (-y - 40)) | ((np.abs(x) < 15) & (y >= -45) & (y <= -8)
-                                                      & (z < -12))
+    infra = _infratentorial(x, y, z)
     nuc = tpl.nuclei[idx[:, 0], idx[:, 1], idx[:, 2]]
     deepbox = (np.abs(x) < 30) & (y > -35) & (y < 25) & (z > -4) & (z < 24)
     deep = ~infra & (((nuc > 0) & (nuc < 9)) | (deepbox & (tpl.wm[idx[:, 0], idx[:, 1], idx[:, 2]]
