@@ -343,7 +343,7 @@ def _vein_trees(rng, tpl, cfg):
         pts = _walk(rng, tpl, s, tang, int(rng.integers(10, 30)), 1.5, sulcal_score)
         if len(pts) < 4:
             continue
-        r0 = rng.uniform(0.45, 1.1)
+        r0 = rng.uniform(0.5, 1.3)
         trees.append(dict(kind="pial", points=pts, radii=np.linspace(r0, r0 * 0.6, len(pts)),
                           chi=rng.uniform(0.25, 0.45)))
         if rng.random() < 0.6:
@@ -366,7 +366,7 @@ def _vein_trees(rng, tpl, cfg):
         pts = _walk(rng, tpl, s, d, int(rng.integers(8, 22)), 1.5, wm_score, jitter=0.12)
         if len(pts) < 4:
             continue
-        r0 = rng.uniform(0.25, 0.5)
+        r0 = rng.uniform(0.3, 0.6)
         trees.append(dict(kind="medullary", points=pts, radii=np.full(len(pts), r0),
                           chi=rng.uniform(0.2, 0.45)))
     # deep veins and dural sinuses (fixed MNI course, jittered)
@@ -399,7 +399,7 @@ def _vein_trees(rng, tpl, cfg):
     return trees
 
 
-def _raster_segments(grid: _Grid, segments, out_frac, out_id=None):
+def _raster_segments(grid: _Grid, segments, out_frac, out_id=None, out_c2=None, b0=None):
     """Add tube segments (p0, p1, r, id) as partial-volume fractions on ``grid``.
 
     Area-preserving Gaussian cross-section: integral over the cross-section = pi r^2, so the
@@ -437,6 +437,9 @@ def _raster_segments(grid: _Grid, segments, out_frac, out_id=None):
         if out_id is not None:
             oid = out_id[sl]
             oid[(f > 0.3) & (f > cur)] = vid
+        if out_c2 is not None:
+            c2 = float((d @ b0) ** 2 / L2)  # cos^2 of the angle between vein and B0
+            out_c2[sl][f > cur] = c2
         np.maximum(cur, f, out=cur)
 
 
@@ -639,6 +642,7 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
     vein_frac = np.zeros(F.shape, np.float32)
     vein_id = np.zeros(F.shape, np.uint16)
     vein_chi_map = np.zeros(F.shape, np.float32)
+    vein_c2 = np.zeros(F.shape, np.float32)
     t0 = time.perf_counter()
     if cfg.veins:
         trees = _vein_trees(rng, tpl, cfg)
@@ -661,7 +665,7 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
             vid = next_id
             next_id += 1
             segs = [(pts[q], pts[q + 1], float(tr["radii"][q]), vid) for q in range(len(pts) - 1)]
-            _raster_segments(F, segs, vein_frac, vein_id)
+            _raster_segments(F, segs, vein_frac, vein_id, vein_c2, b0_dir)
             mask = vein_id == vid
             if np.any(mask):
                 vein_chi_map[mask] = tr["chi"]
@@ -714,6 +718,8 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
     r2_t = to_t(r2_map)
     fld_t = to_t(field_ppm)
     vf_t = np.clip(to_t(vein_frac), 0, 1)
+    c2_t = to_t(vein_c2)
+    vchi_t = to_t(np.where(vein_chi_map > 0, vein_chi_map, 0.35).astype(np.float32))
     vid_t = to_t(vein_id, order=0)
     brain_t = to_t(an["brain"])
     chi_t = to_t(chi_w) * (brain_t > 0.5)
@@ -730,9 +736,14 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
     t0 = time.perf_counter()
     r2_blood = (25.0 if b0 < 2 else 70.0) * rng.uniform(0.8, 1.2)
     rel_blood = np.exp(-te * 1e-3 * np.maximum(r2_blood - r2_t, 0)).astype(np.float32)
-    mag = m0_t * np.exp(-te * 1e-3 * r2_t) * (1 - vf_t * (1 - rel_blood * 0.9)) * deph
-    sig = (mag * np.exp(-1j * phase_per_ppm * fld_t)).astype(np.complex64)
-    del mag, deph, r2_t, rel_blood
+    # intravascular field of a long cylinder relative to its surroundings:
+    # chi/6 (3 cos^2 theta - 1); the blood compartment adds with its own phase (complex partial
+    # volume), which is what makes sub-voxel veins dark on GRE/SWI
+    vphase = (np.float32(phase_per_ppm / 6.0) * vchi_t * (3 * c2_t - 1)).astype(np.float32)
+    comp = (1 - vf_t) + vf_t * rel_blood * 0.9 * np.exp(-1j * vphase)
+    mag = m0_t * np.exp(-te * 1e-3 * r2_t) * deph
+    sig = (mag * comp * np.exp(-1j * phase_per_ppm * fld_t)).astype(np.complex64)
+    del mag, deph, r2_t, rel_blood, comp, vphase
 
     # --- compact sources: CMBs and calcifications ------------------------------------------
     cmb_lab = np.zeros(tuple(shape), np.uint16)
