@@ -454,3 +454,36 @@ def test_worker_needs_no_slicer_and_logic_no_qt():
             "'torch' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr[-500:]
+
+
+@pytest.mark.parametrize("in_worker", [False, True])
+def test_brain_mask_reaches_the_detector(scene, scan, in_worker):
+    """A label-map mask (own grid) that leaves out one lesion removes that lesion."""
+    arr, m, truth = scan
+    node = add_volume(scene, arr, m)
+    # axis-aligned 1 mm mask covering everything except a 6 mm cube around lesion 0
+    mm = np.eye(4)
+    mm[:3, 3] = [-40, -40, -40]
+    lab = np.ones((81, 81, 81), np.uint8)
+    c = np.rint(np.array(truth[0]["centre_ras"]) + 40).astype(int)
+    lab[c[2] - 6:c[2] + 7, c[1] - 6:c[1] + 7, c[0] - 6:c[0] + 7] = 0
+    mask_node = add_volume(scene, lab, mm, name="brain", cls="vtkMRMLLabelMapVolumeNode")
+    logic = CMBDetectorLogic(scene, detector=None if in_worker else dark_blob_detector)
+    if in_worker:
+        nodes = logic.processInSubprocess(node, "swi", maskNode=mask_node, threshold=0.3,
+                                          python=sys.executable,
+                                          detectorSpec="CMBDetectorLib.standins:dark_blob_detector")
+    else:
+        nodes = logic.process(node, "swi", maskNode=mask_node, threshold=0.3)
+    found = _fiducial_world(nodes["fiducial"])
+    err = _match_error(found, _world_truth(truth))
+    assert err[0] > 3.0 and err[1:].max() < 1.0, err
+
+
+def test_torch_info_reports_version_and_device():
+    torch = pytest.importorskip("torch")
+    from CMBDetectorLib.logic import torch_info
+
+    info = torch_info()
+    assert info["installed"] and info["version"] == torch.__version__
+    assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
