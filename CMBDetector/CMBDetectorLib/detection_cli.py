@@ -25,6 +25,10 @@ def configure_parser(p) -> None:
     p.add_argument("--models", type=Path, help="weights folder (default: bundled)")
     p.add_argument("--truth", type=Path, help="ground-truth JSON (simulator format): print how "
                    "many true CMBs were found")
+    p.add_argument("--locate", action="store_true", help="anatomical location per lesion "
+                   "(MNI registration): category/region/side columns + <stem>_summary.json")
+    p.add_argument("--report", action="store_true", help="one-page HTML report "
+                   "<stem>_report.html (implies --locate)")
     p.add_argument("--quiet", action="store_true", help="no lesion table on stdout")
 
 
@@ -59,10 +63,40 @@ def compare_with_truth(lesions, truth_path: Path, tolerance_mm: float = 5.0) -> 
             f"({fp} detection(s) matched no true microbleed; {tolerance_mm:g} mm rule)")
 
 
+def write_located_outputs(volume, result, args, bar=None) -> dict:
+    """The four standard outputs, plus location columns/summary and the report on request."""
+    from .outputs import write_outputs
+
+    loc = None
+    if args.locate or args.report:
+        from .location import locate_result
+        if bar is not None:
+            bar(1.0, "location (MNI registration)")
+        loc = locate_result(volume, result)
+    extra = None
+    if loc is not None:
+        from .location import location_extra
+        extra = location_extra(loc)
+    paths = write_outputs(volume, result, args.output_dir, extra=extra)
+    if loc is not None:
+        from .location import summary_lines, summary_path_for, write_summary_json
+        paths["summary"] = write_summary_json(summary_path_for(paths["csv"]), loc)
+        if loc.quality.warning:
+            print(f"cmbdetector: warning: {loc.quality.warning}", file=sys.stderr)
+        if not args.quiet:
+            print("\n".join(summary_lines(loc.summary)))
+    if args.report:
+        from .report import write_report
+        name = Path(paths["csv"]).name[: -len("_lesions.csv")]
+        paths["report"] = write_report(Path(args.output_dir) / f"{name}_report.html", volume,
+                                       result.lesions(), loc, result.model_version,
+                                       result.modality, result.threshold)
+    return paths
+
+
 def run_command(args) -> int:
     from .detection import default_settings, detect
     from .models import load_bundle
-    from .outputs import write_outputs
     from .volume import read_volume
 
     if args.mask and len(args.scans) > 1:
@@ -77,7 +111,7 @@ def run_command(args) -> int:
             mask = read_volume(args.mask) if args.mask else None
             result = detect(volume, args.modality, mask, settings, models,
                             progress=lambda stage, f: bar(f, stage))
-            paths = write_outputs(volume, result, args.output_dir)
+            paths = write_located_outputs(volume, result, args, bar)
         except CMBError as exc:
             bar.close()
             print(f"cmbdetector: error: {exc}", file=sys.stderr)
