@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from CMBDetectorLib.errors import InputError
+from CMBDetectorLib.training import TrainConfig, Run, dice_ce_loss, fit, kd_loss, run_training
+
+
+def test_voxel_weights_apply_before_reduction():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 4, 4, 4)
+    target = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    target[0, 1, 1, 1] = 1
+    loss = dice_ce_loss(logits, target, pos_weight=10.0)
+    prob = torch.softmax(logits, 1)[:, 1]
+    dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    w = 1 + 9 * target.float()
+    assert torch.isclose(loss, dice + (ce * w).sum() / w.sum())
+    # The reference's bug (mean CE times mean weight) gives a different, much smaller CE term.
+    assert not torch.isclose(loss, dice + ce.mean() * (10 * target.float()).mean())
+
+
+def test_kd_loss_reduces_to_ce_and_to_kl():
+    s = torch.tensor([[2.0, -1.0], [0.5, 0.2]])
+    y = torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(s, y)
+    assert torch.isclose(kd_loss(s, None, y, 0.0, 4.0), ce)
+    # identical teacher: KL term is zero
+    assert torch.isclose(kd_loss(s, s.clone(), y, 0.3, 4.0), 0.7 * ce)
+    t = torch.tensor([[-2.0, 3.0], [1.0, 0.0]])
+    assert kd_loss(s, t, y, 1.0, 4.0) > 0
+
+
+def test_fit_resumes_identically_after_interruption(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5),
+                                   torch.nn.Linear(4, 1))
+
+    def batches(rng):
+        return torch.from_numpy(rng.normal(size=(8, 3)).astype(np.float32))
+
+    def loss(m, x):
+        return (m(x) ** 2).mean()
+
+    a = make()
+    fit(a, batches, 6, tmp_path / "a.ckpt", 0.01, 2, "a", loss, 1)
+
+    calls = {"n": 0}
+
+    def interrupting(m, x):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return loss(m, x)
+
+    b = make()
+    with pytest.raises(KeyboardInterrupt):
+        fit(b, batches, 6, tmp_path / "b.ckpt", 0.01, 2, "b", interrupting, 1)
+    b2 = make()
+    fit(b2, batches, 6, tmp_path / "b.ckpt", 0.01, 2, "b", loss, 1)
+    for pa, pb in zip(a.parameters(), b2.parameters()):
+        assert torch.allclose(pa, pb)
+
+
+def test_tiny_run_exports_manifest_with_real_hashes(tiny_run):
+    from CMBDetectorLib.models import sha256, verify
+
+    run, models = tiny_run
+    m = verify(models)
+    assert m["models"]["student"]["parameters"] <= m["teacher"]["parameters"] / 3
+    assert m["models"]["detector"]["sha256"] == sha256(models / "detector.pt")
+    assert {"candidate_threshold", "threshold"} <= set(m["inference"])
+    for name in ("detector", "teacher", "student", "student_nokd"):
+        assert (run / "weights" / f"{name}.pt").exists()
+    op = json.loads((run / "operating_point.json").read_text())
+    assert 0 <= op["threshold"] <= 1
+
+
+def test_splits_are_by_subject():
+    from CMBDetectorLib.training import subject_seeds
+
+    s = subject_seeds(TrainConfig())
+    all_ = [x for v in s.values() for x in v]
+    assert len(all_) == len(set(all_))
+    assert len(s["test"]) >= 30
+
+
+def test_rerun_resumes_without_retraining(tiny_run):
+    run, models = tiny_run
+    before = (run / "weights" / "detector.pt").stat().st_mtime_ns
+    t = run_training(run, TrainConfig.tiny(), None, phases=("detector", "teacher"))
+    assert (run / "weights" / "detector.pt").stat().st_mtime_ns == before
+    assert t["total"] < 5
+
+
+def test_other_config_in_same_folder_refused(tiny_run):
+    cfg = TrainConfig.tiny()
+    cfg.detector_steps += 1
+    with pytest.raises(InputError, match="another configuration"):
+        Run(tiny_run[0], cfg)
