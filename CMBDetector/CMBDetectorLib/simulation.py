@@ -79,7 +79,7 @@ class SimulationConfig:
     cmb_radius_mm: float | None = None  # fixed true radius for random CMBs
     cmb_chi_ppm: float | None = None
     veins: bool = True
-    vein_density: float = 1.0
+    vein_density: float = 1.5  # scales the number of pial, medullary and slice-crossing veins
     calcifications: bool = True
     iron: bool = True
     air: bool = True  # air/bone susceptibility (sinuses, skull)
