@@ -217,3 +217,17 @@ def test_synth_cli_writes_requested_modalities(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2/2" in err  # progress bar on stderr
     assert main(["synth", "--n", "1"]) == 1  # --out missing: one-line user error
+
+
+def test_oblique_b0_rotates_the_dipole_pattern():
+    b = np.array([0.0, 0.5, 1.0])
+    b /= np.linalg.norm(b)
+    cfg = clean(b0_dir=tuple(b), cmb_specs=[dict(centre_ras=CENTRE, radius_mm=1.0, chi_ppm=0.6)])
+    s = simulate_subject(3, cfg)
+    c = np.asarray(CENTRE)
+    perp = np.cross(b, [1.0, 0.0, 0.0])
+    perp /= np.linalg.norm(perp)
+    for sgn in (-1, 1):
+        assert value_at(s.phase, c + sgn * 1.6 * b) < -0.5  # poles along the oblique B0
+        assert value_at(s.phase, c + sgn * 1.6 * perp) > 0.2  # equator
+    assert s.truth["params"]["b0_dir_ras"] == pytest.approx(list(b))
