@@ -261,9 +261,8 @@ class Run:
     def case_path(self, seed: int, modality: str) -> Path:
         return self.path("cases", f"sub-{seed}_{modality}.npz")
 
-    def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val", "test")):
-        """Simulate subjects and prepare each modality (test subjects are also written as
-        NIfTI files for ``cmbdetector detect`` / ``evaluate``)."""
+    def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val")):
+        """Simulate training subjects and prepare each modality like inference does."""
         from .settings import DetectionSettings
         from .simulation import SimulationConfig, simulate_subject, write_subject
         from .training_data import make_case
@@ -589,6 +588,93 @@ class Run:
         return write_manifest(models_dir, manifest)
 
 
+    # -- test split -----------------------------------------------------------------------------
+    def test_dir(self) -> Path:
+        return self.path("test_scans", "x").parent
+
+    def build_test_scans(self):
+        """Simulate the test subjects with the simulator's natural CMB count (CMB-free subjects
+        included) and write them as NIfTI files with their ground truth."""
+        from .simulation import SimulationConfig, simulate_subject, write_subject
+
+        bar = ProgressBar("test scans")
+        seeds = self.seeds["test"]
+        for n, seed in enumerate(seeds):
+            if not (self.test_dir() / f"sub-{seed}_truth.json").exists():
+                subj = simulate_subject(seed, SimulationConfig(**self.cfg.sim_config))
+                write_subject(subj, self.test_dir(), f"sub-{seed}",
+                              modalities=self.cfg.modalities)
+            bar((n + 1) / len(seeds), f"sub-{seed}")
+        bar.close()
+
+    def evaluate_test(self, models_dir, out_dir=None) -> dict:
+        """Detect every test scan with the exported bundle (the shipped code path), score it
+        with ``cmbdetector evaluate``'s metrics, and compare the teacher, the distilled student
+        and the student trained without distillation on the very same candidates."""
+        import copy
+
+        import torch
+
+        from .detection import default_settings, detect
+        from .evaluation import evaluate_subjects, load_cases, write_report
+        from .models import load_bundle
+        from .outputs import write_outputs
+        from .volume import read_volume
+
+        out_dir = Path(out_dir or self.path("eval", "x").parent)
+        bundle = load_bundle(models_dir, device="cpu")
+        settings = default_settings(bundle)
+        nokd = self.load("student_nokd", "Student", self.student_config())
+        teacher = self.load("teacher", "Teacher", self.teacher_config())
+
+        class Tap(torch.nn.Module):
+            """The shipped student; records the other classifiers' scores on the same patches."""
+
+            def __init__(self, student):
+                super().__init__()
+                self.student, self.nokd, self.teacher = student, nokd, teacher
+                self.scores = {"student_nokd": [], "teacher": []}
+
+            def forward(self, x):
+                self.scores["student_nokd"].append(torch.softmax(self.nokd(x), 1)[:, 1])
+                self.scores["teacher"].append(torch.softmax(self.teacher(x)[0], 1)[:, 1])
+                return self.student(x)
+
+        variants = {"student": out_dir / "pred", "student_nokd": out_dir / "pred_nokd",
+                    "teacher": out_dir / "pred_teacher"}
+        scans = [(seed, m) for seed in self.seeds["test"] for m in self.cfg.modalities]
+        bar = ProgressBar("evaluate test")
+        timings = []
+        for n, (seed, m) in enumerate(scans):
+            name = f"sub-{seed}_{m}"
+            if not (variants["teacher"] / f"{name}_detection.json").exists():
+                vol = read_volume(self.test_dir() / f"{name}.nii.gz")
+                tap = Tap(bundle.student).eval()
+                b = copy.copy(bundle)
+                b.student = tap
+                res = detect(vol, m, None, settings, b)
+                timings.append(sum(res.timings.values()))
+                write_outputs(vol, res, variants["student"], name=name)
+                for key in ("student_nokd", "teacher"):
+                    sc = torch.cat(tap.scores[key]).numpy() if tap.scores[key] else []
+                    alt = copy.deepcopy(res)
+                    for c, p in zip(alt.candidates, sc):
+                        c.confidence = float(p)
+                    write_outputs(vol, alt, variants[key], name=name)
+            bar((n + 1) / len(scans), name)
+        bar.close()
+        report = {}
+        for key, pred in variants.items():
+            cases, _ = load_cases(pred, self.test_dir())
+            result = evaluate_subjects(cases)
+            result["classifier"] = key
+            write_report(result, out_dir / key, plot=True)
+            report[key] = result
+        if timings:
+            report["mean_detect_s"] = float(np.mean(timings))
+        return report
+
+
 def _truth_pmax(case, tab) -> list:
     """Per true CMB: the max detector probability of a candidate that hit it (0 = missed)."""
     out = np.zeros(len(case.truth_centres))
@@ -602,7 +688,7 @@ def _truth_pmax(case, tab) -> list:
     return out.tolist()
 
 
-PHASES = ("data", "detector", "candidates", "teacher", "student", "export")
+PHASES = ("data", "detector", "candidates", "teacher", "student", "export", "evaluate")
 
 
 def run_training(run_dir, cfg: TrainConfig, models_dir=None, phases=PHASES) -> dict:
@@ -627,6 +713,11 @@ def run_training(run_dir, cfg: TrainConfig, models_dir=None, phases=PHASES) -> d
             run.choose_operating_point()
             if models_dir is not None:
                 run.export(models_dir)
+        elif phase == "evaluate":
+            if models_dir is None:
+                continue
+            run.build_test_scans()
+            run.evaluate_test(models_dir)
         timings[phase] = time.perf_counter() - t
         print(f"phase {phase}: {timings[phase]:.0f} s", file=sys.stderr)
     timings["total"] = time.perf_counter() - t0
