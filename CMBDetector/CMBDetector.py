@@ -29,7 +29,7 @@ SAMPLE_DIR = MODULE_DIR / "Resources" / "SampleData"
 DEMO_FILE = "CMBDemo_SWI.nii.gz"
 #: sha256 of the bundled demo scan, checked by SampleData when loading (``Testing/test_ui.py``
 #: fails when the file and this value disagree; None would mean: not bundled, not registered).
-DEMO_SHA256 = "e25b426fab6b7c9c3eae30c2aca83759a15d9b1adfbe53bf9051e30508a8e015"
+DEMO_SHA256 = "00a4370cd341fc3d8e19dd905ab874c8e18fe0d3f3009db25b375f2189a4f31b"
 MODALITY_LABELS = ("SWI", "T2*-GRE", "QSM")
 MODALITY_BY_ENGINE = {"swi": "SWI", "gre": "T2*-GRE", "qsm": "QSM"}
 
