@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cmbdetector detect $(DEMO) --modality swi --output-dir $(OUT) --truth CMBDetector/Resources/SampleData/CMBDemo_SWI_truth.json
+	$(VENV)/bin/cmbdetector detect $(DEMO) --modality swi --output-dir $(OUT) --truth CMBDetector/Resources/SampleData/CMBDemo_SWI_truth.json --report
 
 test: $(STAMP)
 	$(PY) -m pytest -q
