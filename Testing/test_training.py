@@ -105,3 +105,15 @@ def test_other_config_in_same_folder_refused(tiny_run):
     cfg.detector_steps += 1
     with pytest.raises(InputError, match="another configuration"):
         Run(tiny_run[0], cfg)
+
+
+def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path):
+    from CMBDetectorLib.validation_doc import build
+
+    run, _ = tiny_run
+    run_training(run, TrainConfig.tiny(), tiny_run[1], phases=("evaluate",))
+    text = build(run, tmp_path)
+    ev = json.loads((run / "eval" / "student" / "evaluation.json").read_text())
+    row = next(ln for ln in text.splitlines() if ln.startswith("| all |"))
+    assert f"| {ev['overall']['truth_cmbs']} |" in row
+    assert "Not for diagnostic use" in text and (tmp_path / "froc.png").exists()
