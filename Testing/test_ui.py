@@ -134,12 +134,15 @@ def test_module_cmake_lists_every_lib_file_and_resource():
                  for s in _cmake_list(text, "MODULE_PYTHON_RESOURCES")]
     libs = {f"CMBDetectorLib/{p.name}" for p in (MODULE / "CMBDetectorLib").glob("*.py")}
     assert "CMBDetector.py" in scripts
-    assert libs <= set(scripts), f"not packaged: {sorted(libs - set(scripts))}"
+    assert libs <= set(scripts), (f"not packaged: {sorted(libs - set(scripts))}; add to "
+                                  "MODULE_PYTHON_SCRIPTS in CMBDetector/CMakeLists.txt")
     for rel in scripts + resources:
         assert (MODULE / rel).is_file(), f"listed but missing: {rel}"
     on_disk = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
                if p.is_file() and not p.name.startswith(".") and "__pycache__" not in p.parts}
-    assert on_disk <= set(resources), f"not packaged: {sorted(on_disk - set(resources))}"
+    assert on_disk <= set(resources), (f"not packaged: {sorted(on_disk - set(resources))}; "
+                                       "add to MODULE_PYTHON_RESOURCES in "
+                                       "CMBDetector/CMakeLists.txt")
 
 
 def test_extension_metadata_agrees():
