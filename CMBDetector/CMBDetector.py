@@ -92,6 +92,7 @@ class CMBDetectorParameterNode:
     threshold - minimum student confidence of a reported lesion (0-1).
     device - Auto (CUDA if it works), CPU or GPU.
     outputDirectory - export folder; excludeRejected / exportSegmentation - export options.
+    thresholdFromModels - whether the threshold was initialised from the models' manifest.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -102,6 +103,7 @@ class CMBDetectorParameterNode:
     outputDirectory: Path = Path.home()
     excludeRejected: bool = False
     exportSegmentation: bool = True
+    thresholdFromModels: bool = False  # slider already set to the models' operating point
 
 
 #
@@ -176,6 +178,17 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.thresholdFromModels:
+            # Start the slider at the operating point the bundled models were validated at
+            # (read from the manifest; no torch import). Once per parameter node, so a
+            # reviewer's own threshold survives scene save/load.
+            try:
+                from CMBDetectorLib.models import read_manifest
+                t = float(read_manifest().get("inference", {}).get("threshold", 0.5))
+                self._parameterNode.threshold = t
+            except Exception:  # no weights yet: keep the default; Detect will explain
+                pass
+            self._parameterNode.thresholdFromModels = True
         if not self._parameterNode.inputVolume:
             node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if node and not node.IsA("vtkMRMLLabelMapVolumeNode"):
