@@ -692,6 +692,29 @@ def _truth_pmax(case, tab) -> list:
     return out.tolist()
 
 
+def record_test_metrics(models_dir, report: dict) -> None:
+    """Put the test-split numbers (per modality and overall) into the weights manifest."""
+    from .models import read_manifest, write_manifest
+
+    def summary(g):
+        st = g["stages"]
+        return {"scans": g["scans"], "true_cmbs": g["truth_cmbs"],
+                "candidate_tpr": st["candidates"]["tpr"],
+                "candidate_fp_per_scan": st["candidates"]["fp_per_subject"],
+                "cluster_tpr": g["cluster"]["tpr"],
+                "cluster_fp_per_scan": g["cluster"]["fp_per_subject"],
+                "cluster_precision": g["cluster"]["precision"],
+                "valdo_f1_median": g["valdo"]["f1_median"]}
+
+    manifest = read_manifest(models_dir)
+    manifest["test_metrics"] = {
+        "note": "simulated test split never used in training; see docs/VALIDATION.md",
+        "students": {key: {"overall": summary(r["overall"]),
+                           **{m: summary(g) for m, g in r["by_modality"].items()}}
+                     for key, r in report.items() if isinstance(r, dict)}}
+    write_manifest(models_dir, manifest)
+
+
 PHASES = ("data", "detector", "candidates", "teacher", "student", "export", "evaluate")
 
 
@@ -721,7 +744,7 @@ def run_training(run_dir, cfg: TrainConfig, models_dir=None, phases=PHASES) -> d
             if models_dir is None:
                 continue
             run.build_test_scans()
-            run.evaluate_test(models_dir)
+            record_test_metrics(models_dir, run.evaluate_test(models_dir))
         timings[phase] = time.perf_counter() - t
         print(f"phase {phase}: {timings[phase]:.0f} s", file=sys.stderr)
     timings["total"] = time.perf_counter() - t0
