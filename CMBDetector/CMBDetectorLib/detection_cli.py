@@ -79,12 +79,10 @@ def write_located_outputs(volume, result, args, bar=None) -> dict:
         extra = location_extra(loc)
     paths = write_outputs(volume, result, args.output_dir, extra=extra)
     if loc is not None:
-        from .location import summary_lines, summary_path_for, write_summary_json
+        from .location import summary_path_for, write_summary_json
         paths["summary"] = write_summary_json(summary_path_for(paths["csv"]), loc)
         if loc.quality.warning:
             print(f"cmbdetector: warning: {loc.quality.warning}", file=sys.stderr)
-        if not args.quiet:
-            print("\n".join(summary_lines(loc.summary)))
     if args.report:
         from .report import write_report
         name = Path(paths["csv"]).name[: -len("_lesions.csv")]
@@ -123,6 +121,10 @@ def run_command(args) -> int:
             print(f"{volume.name}: {len(lesions)} microbleed(s) at confidence >= "
                   f"{result.threshold:.2f}  [{', '.join(str(p) for p in paths.values())}]")
             print_table(lesions)
+            if "summary" in paths:
+                from .location import summary_lines
+                summary = json.loads(Path(paths["summary"]).read_text())
+                print("\n".join(summary_lines(summary.get("summary", summary))))
         if args.truth:
             print(compare_with_truth(lesions, args.truth))
     if failures:
