@@ -25,8 +25,8 @@ class DetectionSettings:
     frst_radii_mm: tuple = (1.0, 2.0, 3.0)
     frst_alpha: float = 2.0
     #: Sliding-window tile edge (voxels of the working grid) and overlap fraction.
-    tile_size: int = 96
-    tile_overlap: float = 0.25
+    tile_size: int = 128
+    tile_overlap: float = 0.15
     #: Clean-up: component volume range (mm^3) on the working grid. 2 mm^3 ~ a 1.6 mm sphere;
     #: 525 mm^3 ~ a 10 mm sphere (the largest CMB by the Greenberg criteria).
     min_volume_mm3: float = 2.0
