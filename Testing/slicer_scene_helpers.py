@@ -7,6 +7,7 @@ A real MRML scene with the application and module logics registered the way tram
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from CMBDetectorLib.standins import (TRUTH, dark_blob_detector, rotation,  # noqa: F401
                                      slow_detector, synthetic_scan)
@@ -44,27 +45,11 @@ def make_app():
 
 def add_volume(scene, array, ijk_to_ras, name="sub-01_swi", cls="vtkMRMLScalarVolumeNode"):
     """Volume node from numpy (the same path slicer.util.addVolumeFromArray takes)."""
-    import vtk
-    from vtk.util import numpy_support
+    from CMBDetectorLib.mrml import image_data_from_array, set_ijk_to_ras
 
     node = scene.AddNewNodeByClass(cls, name)
-    img = vtk.vtkImageData()
-    arr = np.ascontiguousarray(array)
-    if arr.ndim == 4:
-        img.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
-        flat = arr.reshape(-1, arr.shape[3])
-    else:
-        img.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
-        flat = arr.ravel()
-    vtk_arr = numpy_support.numpy_to_vtk(flat, deep=True,
-                                         array_type=numpy_support.get_vtk_array_type(arr.dtype))
-    img.GetPointData().SetScalars(vtk_arr)
-    node.SetAndObserveImageData(img)
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(ijk_to_ras[r, c]))
-    node.SetIJKToRASMatrix(m)
+    node.SetAndObserveImageData(image_data_from_array(array))
+    set_ijk_to_ras(node, ijk_to_ras)
     node.CreateDefaultDisplayNodes()
     return node
 
@@ -81,3 +66,14 @@ def add_linear_transform(scene, matrix, name="registration"):
     return t
 
 
+@pytest.fixture()
+def scene():
+    """A fresh scene with the module logics, cleared after the test."""
+    sc, app, logics = make_app()
+    yield sc
+    sc.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return synthetic_scan()

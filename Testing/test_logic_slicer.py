@@ -18,22 +18,13 @@ slicer = pytest.importorskip("slicer")
 from CMBDetectorLib import mrml  # noqa: E402
 from CMBDetectorLib.errors import Cancelled, CMBError, InputError  # noqa: E402
 from CMBDetectorLib.logic import CMBDetectorLogic  # noqa: E402
-from slicer_scene_helpers import (add_linear_transform, add_volume, dark_blob_detector,  # noqa: E402
+from slicer_scene_helpers import (scan, scene,  # noqa: F401 (fixtures)
+                                  add_linear_transform, add_volume, dark_blob_detector,  # noqa: E402
                                   make_app, rotation, synthetic_scan)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def scene():
-    sc, app, logics = make_app()
-    yield sc
-    sc.Clear(1)
-
-
-@pytest.fixture(scope="module")
-def scan():
-    return synthetic_scan()
 
 
 def _world_truth(truth, transform=None):

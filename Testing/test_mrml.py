@@ -8,20 +8,11 @@ slicer = pytest.importorskip("slicer")
 
 from CMBDetectorLib import mrml  # noqa: E402
 from CMBDetectorLib.errors import InputError  # noqa: E402
-from slicer_scene_helpers import (add_linear_transform, add_volume, make_app,  # noqa: E402
+from slicer_scene_helpers import (scan, scene,  # noqa: F401 (fixtures)
+                                  add_linear_transform, add_volume, make_app,  # noqa: E402
                                   rotation, synthetic_scan)
 
 
-@pytest.fixture()
-def scene():
-    sc, app, logics = make_app()
-    yield sc
-    sc.Clear(1)
-
-
-@pytest.fixture(scope="module")
-def scan():
-    return synthetic_scan()
 
 
 def test_volume_from_node_keeps_voxels_and_oblique_geometry(scene, scan):

@@ -628,21 +628,30 @@ def review_label_map(result, fid, exclude_rejected: bool = False) -> np.ndarray:
     return lut[result.candidate_labels]
 
 
-def _labelmap_node(labels: np.ndarray, ijk_to_ras: np.ndarray, name: str):
-    node = slicer.vtkMRMLLabelMapVolumeNode()
-    node.SetName(name)
+def image_data_from_array(array: np.ndarray):
+    """``vtkImageData`` from a ``[k, j, i]`` (or ``[k, j, i, c]``) numpy array (deep copy)."""
+    arr = np.ascontiguousarray(array)
     img = vtk.vtkImageData()
-    img.SetDimensions(labels.shape[2], labels.shape[1], labels.shape[0])
-    flat = np.ascontiguousarray(labels).ravel()
-    vtk_arr = numpy_support.numpy_to_vtk(flat, deep=True,
-                                         array_type=numpy_support.get_vtk_array_type(flat.dtype))
-    img.GetPointData().SetScalars(vtk_arr)
-    node.SetAndObserveImageData(img)
+    img.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
+    flat = arr.reshape(-1, arr.shape[3]) if arr.ndim == 4 else arr.ravel()
+    img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        flat, deep=True, array_type=numpy_support.get_vtk_array_type(arr.dtype)))
+    return img
+
+
+def set_ijk_to_ras(node, ijk_to_ras: np.ndarray) -> None:
     m = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
             m.SetElement(r, c, float(ijk_to_ras[r, c]))
     node.SetIJKToRASMatrix(m)
+
+
+def _labelmap_node(labels: np.ndarray, ijk_to_ras: np.ndarray, name: str):
+    node = slicer.vtkMRMLLabelMapVolumeNode()
+    node.SetName(name)
+    node.SetAndObserveImageData(image_data_from_array(labels))
+    set_ijk_to_ras(node, ijk_to_ras)
     return node
 
 
