@@ -142,6 +142,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.unreviewButton.connect("clicked()", lambda: self.onSetStatus("unreviewed"))
         self.ui.showSegmentationButton.connect("clicked(bool)", self.onShowSegmentation)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.reportButton.connect("clicked(bool)", self.onReport)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onRowClicked)
         self.ui.resultsTableView.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.resultsTableView.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
@@ -298,6 +299,13 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 cancel=lambda: self._cancelRequested, idle=slicer.app.processEvents)
             self.ui.statusLabel.text = _("Done: {n} lesion(s).").format(n=len(nodes["lesions"]))
             self.ui.progressBar.setValue(100)
+            self.onProgress(_("locating lesions (MNI registration)"), 1.0)
+            slicer.app.processEvents()
+            try:
+                self.logic.locate(p.inputVolume)
+            except CMBError as exc:  # location is optional: detection results stay
+                self.ui.locationSummaryLabel.text = _("Location unavailable: {err}").format(
+                    err=exc)
         except Cancelled:
             self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
             self.ui.progressBar.setValue(0)
@@ -338,6 +346,11 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = fid is not None
         self.ui.lesionCountLabel.text = (str(fid.GetNumberOfControlPoints()) if fid is not None
                                          else "-")
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        lines = self.logic.locationSummary(volume) if volume is not None else []
+        if lines or fid is None:
+            self.ui.locationSummaryLabel.text = "\n".join(lines)
+        self.ui.reportButton.enabled = fid is not None
         if self._observedFiducial is not fid:
             if self._observedFiducial is not None:
                 self.removeObserver(self._observedFiducial,
@@ -383,6 +396,17 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                              waitCursor=True):
             self.logic.showSegmentation(self._parameterNode.inputVolume,
                                         self._parameterNode.excludeRejected)
+
+    def onReport(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Report failed."), waitCursor=True):
+            name = "".join(c if c.isalnum() or c in "-_." else "_"
+                           for c in p.inputVolume.GetName())
+            path = self.logic.exportReport(p.inputVolume,
+                                           os.path.join(str(p.outputDirectory),
+                                                        f"{name}_report.html"))
+            self.updateResultsView()
+            self.ui.statusLabel.text = _("Wrote: {file}").format(file=path)
 
     def onExport(self) -> None:
         p = self._parameterNode

@@ -76,6 +76,10 @@ class CMBDetectorLogic:
         self.modelsDirectory = modelsDirectory
         #: volume node ID -> DetectionResult (all candidates; the slider re-filters these)
         self.results: dict = {}
+        #: volume node ID -> MNIRegistration (lesion location; registered once, then ms lookups)
+        self.registrations: dict = {}
+        #: volume node ID -> LocationResult of the current review state
+        self.locations: dict = {}
 
     @property
     def scene(self):
@@ -203,17 +207,85 @@ class CMBDetectorLogic:
         self.syncTable(inputVolumeNode)
 
     def syncTable(self, inputVolumeNode) -> None:
-        """Adopt hand-placed points as ``added`` lesions and rebuild the table from fiducials."""
+        """Adopt hand-placed points as ``added`` lesions and rebuild the table from fiducials
+        (with location columns and a fresh summary once :meth:`locate` has run)."""
         nodes = self.resultNodes(inputVolumeNode)
         fid, table = nodes.get("fiducial"), nodes.get("table")
         if fid is None:
             return
         mrml.adopt_added_points(fid)
+        location = self._relocate(inputVolumeNode, fid)
         if table is not None:
-            mrml.fill_table(table, fid)
+            mrml.fill_table(table, fid, location=location)
+
+    # --- location ----------------------------------------------------------------------------
+    def _review_lesions(self, fid) -> list:
+        statuses = {"unreviewed": "pending", "": "pending"}
+        out = []
+        for n in range(fid.GetNumberOfControlPoints()):
+            info = mrml.point_info(fid, n)
+            status = statuses.get(info["status"], info["status"])
+            out.append({"id": n + 1, "label": info["label"], "centroid_ras": info["ras"],
+                        "status": status})
+        return out
+
+    def _relocate(self, inputVolumeNode, fid):
+        reg = self.registrations.get(inputVolumeNode.GetID())
+        if reg is None:
+            return None
+        loc = reg.locate(self._review_lesions(fid))
+        self.locations[inputVolumeNode.GetID()] = loc
+        return {les.id: les.columns() | {"category": les.category + ("?" if les.uncertain
+                                                                       else "")}
+                for les in loc.lesions}
+
+    def locate(self, inputVolumeNode, progress=None) -> list:
+        """Register the scan to MNI once (seconds), then give every lesion its MARS category,
+        atlas region and side in the table; returns the summary lines for the panel.
+        Rejected lesions are excluded from the counts, added ones included; later review
+        changes update the summary through :meth:`syncTable` in milliseconds."""
+        from .location import register_to_mni
+
+        key = inputVolumeNode.GetID()
+        result = self.results.get(key)
+        if result is None:
+            raise InputError("no detection result for this volume yet; press Detect first")
+        if key not in self.registrations:
+            volume = mrml.volume_from_node(inputVolumeNode)
+            mask = volume.with_array(result.brain_mask) if result.brain_mask is not None \
+                else None
+            self.registrations[key] = register_to_mni(volume, brain_mask=mask,
+                                                      modality=result.modality,
+                                                      progress=progress)
+        self.syncTable(inputVolumeNode)
+        return self.locationSummary(inputVolumeNode)
+
+    def locationSummary(self, inputVolumeNode) -> list:
+        from .location import summary_lines
+
+        loc = self.locations.get(inputVolumeNode.GetID())
+        return summary_lines(loc.summary) if loc is not None else []
+
+    def exportReport(self, inputVolumeNode, path) -> str:
+        """One-page HTML report of the reviewed lesions (rejected excluded, added included)."""
+        from .report import write_report
+
+        nodes = self.resultNodes(inputVolumeNode)
+        fid = nodes.get("fiducial")
+        result = self.results.get(inputVolumeNode.GetID())
+        if fid is None or result is None:
+            raise InputError("nothing to report; press Detect first")
+        if inputVolumeNode.GetID() not in self.registrations:
+            self.locate(inputVolumeNode)
+        self.syncTable(inputVolumeNode)
+        return write_report(path, mrml.volume_from_node(inputVolumeNode),
+                            self._review_lesions(fid), self.locations[inputVolumeNode.GetID()],
+                            result.model_version, result.modality, result.threshold)
 
     def removeResults(self, inputVolumeNode) -> int:
         self.results.pop(inputVolumeNode.GetID(), None)
+        self.registrations.pop(inputVolumeNode.GetID(), None)
+        self.locations.pop(inputVolumeNode.GetID(), None)
         return mrml.remove_result_nodes(self.scene, inputVolumeNode)
 
     def export(self, inputVolumeNode, outputDir, excludeRejected: bool = False,

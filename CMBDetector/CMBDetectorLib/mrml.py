@@ -483,14 +483,30 @@ def fill_fiducials(fid, lesions, statuses=None, added=None, positions=None) -> N
     fid.EndModify(was)
 
 
-def fill_table(table, fid, exclude_rejected: bool = False) -> None:
-    """Rebuild the lesion table from the fiducial node: one row per control point."""
+LOCATION_TABLE_COLUMNS = ("category", "region", "side")
+
+
+def fill_table(table, fid, exclude_rejected: bool = False, location: dict | None = None) -> None:
+    """Rebuild the lesion table from the fiducial node: one row per control point.
+
+    ``location`` maps control-point number (1-based) -> {category, region, side, ...}; when
+    given, those columns are added (see :meth:`CMBDetectorLogic.locate`).
+    """
     rows = [point_info(fid, n) for n in range(fid.GetNumberOfControlPoints())]
+    for n, r in enumerate(rows, start=1):
+        r["_n"] = n
     if exclude_rejected:
         rows = [r for r in rows if r["status"] != "rejected"]
     vt = vtk.vtkTable()
     cols = {}
-    for name in TABLE_COLUMNS:
+    names = TABLE_COLUMNS + (LOCATION_TABLE_COLUMNS if location is not None else ())
+    for name in names:
+        if name in LOCATION_TABLE_COLUMNS:
+            arr = vtk.vtkStringArray()
+            arr.SetName(name)
+            cols[name] = arr
+            vt.AddColumn(arr)
+            continue
         arr = vtk.vtkStringArray() if name in _STRING_COLUMNS else vtk.vtkDoubleArray()
         arr.SetName(name)
         cols[name] = arr
@@ -502,6 +518,10 @@ def fill_table(table, fid, exclude_rejected: bool = False) -> None:
         for name in ("volume_mm3", "diameter_mm", "confidence"):
             cols[name].InsertNextValue(r.get(name, float("nan")))
         cols["status"].InsertNextValue(r["status"])
+        if location is not None:
+            loc = location.get(r["_n"], {})
+            for name in LOCATION_TABLE_COLUMNS:
+                cols[name].InsertNextValue(str(loc.get(name, "")))
     was = table.StartModify()
     table.SetAndObserveTable(vt)
     for name, unit, desc in (("R", "mm", "world RAS right"), ("A", "mm", "world RAS anterior"),
@@ -509,7 +529,12 @@ def fill_table(table, fid, exclude_rejected: bool = False) -> None:
                              ("volume_mm3", "mm3", "lesion volume"),
                              ("diameter_mm", "mm", "equivalent-sphere diameter"),
                              ("confidence", "", "student network probability"),
-                             ("status", "", "review: unreviewed/accepted/rejected/added")):
+                             ("status", "", "review: unreviewed/accepted/rejected/added"),
+                             ("category", "", "MARS category: lobar, deep, infratentorial "
+                              "(MNI registration; '?' near a boundary)"),
+                             ("region", "", "atlas region"), ("side", "", "L, R or M")):
+        if name not in names:
+            continue
         if unit:
             table.SetColumnUnitLabel(name, unit)
         table.SetColumnDescription(name, desc)
@@ -517,7 +542,7 @@ def fill_table(table, fid, exclude_rejected: bool = False) -> None:
 
 
 def table_rows(table) -> list:
-    """Table content as a list of dicts (strings for id/status, floats otherwise)."""
+    """Table content as a list of dicts (strings for id/status/location, floats otherwise)."""
     vt = table.GetTable()
     names = [vt.GetColumnName(c) for c in range(vt.GetNumberOfColumns())]
     rows = []
@@ -525,7 +550,8 @@ def table_rows(table) -> list:
         row = {}
         for c, name in enumerate(names):
             v = vt.GetValue(r, c)
-            row[name] = v.ToString() if name in _STRING_COLUMNS else v.ToDouble()
+            text = name in _STRING_COLUMNS or name in LOCATION_TABLE_COLUMNS
+            row[name] = v.ToString() if text else v.ToDouble()
         rows.append(row)
     return rows
 
