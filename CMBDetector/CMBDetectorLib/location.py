@@ -459,6 +459,14 @@ def _to_reg_grid(volume: Volume):
     return resample(v, REG_SPACING_MM).to_sitk()
 
 
+def _two_levels(reg, sigma_mm: float) -> None:
+    """Physical-shift optimiser scales and a 2-level pyramid (shrink 2, 1; smoothing in mm)."""
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([2, 1])
+    reg.SetSmoothingSigmasPerLevel([sigma_mm, 0.0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+
+
 def register_to_mni(volume: Volume, brain_mask=None, modality: str | None = None,
                     deformable: bool = True, progress=None) -> MNIRegistration:
     """Register the scan to the MNI152 2009 template (contrast-robust), measure the quality.
@@ -511,10 +519,7 @@ def register_to_mni(volume: Volume, brain_mask=None, modality: str | None = None
     reg.SetMetricSamplingPercentage(0.5, seed=1)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 150, relaxationFactor=0.6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    _two_levels(reg, 2.0)
     reg.SetInitialTransform(init, inPlace=True)
     reg.Execute(fm, mm)
     stages["similarity_s"] = time.perf_counter() - ts
@@ -528,10 +533,7 @@ def register_to_mni(volume: Volume, brain_mask=None, modality: str | None = None
     affine.SetTranslation(init.GetTranslation())
     reg = _mi_registration(fmask, tpl.mask, bins=32, sampling=0.3)
     reg.SetOptimizerAsRegularStepGradientDescent(0.5, 1e-3, 100, relaxationFactor=0.6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    _two_levels(reg, 1.0)
     reg.SetInitialTransform(affine, inPlace=True)
     reg.Execute(fixed, tpl.t1)
     mi_value = reg.GetMetricValue()

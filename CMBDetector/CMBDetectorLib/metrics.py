@@ -75,6 +75,17 @@ def _elements(arr: np.ndarray, connectivity: int, as_labels: bool) -> tuple[np.n
     return labels, n, np.arange(1, n + 1)
 
 
+def _label_pair(pred, ref, connectivity: int, ref_as_labels: bool):
+    """Reference elements and prediction components of two label maps on one grid."""
+    pred = np.asarray(pred)
+    ref = np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference {ref.shape}")
+    rl, nr, rvals = _elements(ref, connectivity, ref_as_labels)
+    pl, npred = label_components(pred, connectivity)
+    return rl, nr, rvals, pl, npred
+
+
 def centroids_ras(labels: np.ndarray, n: int, ijk_to_ras: np.ndarray) -> np.ndarray:
     """Unweighted centres of mass of elements 1..n, in RAS mm, shape ``(n, 3)``.
 
@@ -178,12 +189,7 @@ def cluster_counts(pred: np.ndarray, ref: np.ndarray, connectivity: int = 26,
         Treat each distinct nonzero value of ``ref`` as one lesion instead of its connected
         components (so two touching simulated CMBs stay two lesions).
     """
-    pred = np.asarray(pred)
-    ref = np.asarray(ref)
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference {ref.shape}")
-    rl, nr, rvals = _elements(ref, connectivity, ref_as_labels)
-    pl, npred = label_components(pred, connectivity)
+    rl, nr, rvals, pl, npred = _label_pair(pred, ref, connectivity, ref_as_labels)
     res = cluster_counts_from_overlap(overlap_matrix(rl, nr, pl, npred), one_to_one)
     res.ref_values = [int(v) for v in rvals]
     return res
@@ -337,12 +343,7 @@ def valdo_subject(pred: np.ndarray, ref: np.ndarray, ijk_to_ras: np.ndarray,
     VALDO's challenge used 6-connectivity; 26 is the default here for consistency with the
     cluster-wise family. Set ``connectivity=6`` to reproduce the challenge.
     """
-    pred = np.asarray(pred)
-    ref = np.asarray(ref)
-    if pred.shape != ref.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference {ref.shape}")
-    rl, nr, _ = _elements(ref, connectivity, ref_as_labels)
-    pl, npred = label_components(pred, connectivity)
+    rl, nr, _, pl, npred = _label_pair(pred, ref, connectivity, ref_as_labels)
     return match_points(centroids_ras(pl, npred, ijk_to_ras), centroids_ras(rl, nr, ijk_to_ras),
                         max_distance_mm, "valdo")
 
