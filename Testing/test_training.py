@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from CMBDetectorLib.errors import InputError
-from CMBDetectorLib.training import TrainConfig, Run, dice_ce_loss, fit, kd_loss, run_training
+from CMBDetectorLib.training import (TrainConfig, Run, cosine_factor, dice_ce_loss, fit, kd_loss,
+                                     run_training)
 
 
 def test_voxel_weights_apply_before_reduction():
@@ -69,6 +70,47 @@ def test_fit_resumes_identically_after_interruption(tmp_path):
         assert torch.allclose(pa, pb)
 
 
+def test_cosine_schedule_restarts_at_the_listed_steps():
+    assert cosine_factor(0, 10) == pytest.approx(1.0)
+    assert cosine_factor(10, 10) == pytest.approx(0.05)
+    # Without restarts the first cycle of a restarted schedule is the plain schedule.
+    assert [cosine_factor(s, 4, ()) for s in range(4)] == \
+        pytest.approx([cosine_factor(s, 10, (4,)) for s in range(4)])
+    assert cosine_factor(4, 10, (4,)) == pytest.approx(1.0)
+    assert cosine_factor(7, 10, (4,)) == pytest.approx(0.525)
+    assert cosine_factor(10, 10, (4,)) == pytest.approx(0.05)
+
+
+def test_extending_a_finished_run_with_a_restart_equals_one_long_run(tmp_path):
+    """Train 4 steps, then resume the finished checkpoint as 4 + 4 steps with a restart at 4:
+    the result equals training 8 steps with the restart from scratch (how the bundled detector
+    was extended)."""
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+
+    def batches(rng):
+        return torch.from_numpy(rng.normal(size=(8, 3)).astype(np.float32))
+
+    def loss(m, x):
+        return ((m(x) - 1) ** 2).mean()
+
+    a = make()
+    fit(a, batches, 8, tmp_path / "a.ckpt", 0.05, 2, "a", loss, 1, restarts=(4,))
+    b = make()
+    fit(b, batches, 4, tmp_path / "b.ckpt", 0.05, 2, "b", loss, 1)
+    b2 = make()
+    fit(b2, batches, 8, tmp_path / "b.ckpt", 0.05, 2, "b", loss, 1, restarts=(4,))
+    for pa, pb in zip(a.parameters(), b2.parameters()):
+        assert torch.allclose(pa, pb)
+    # and the restart mattered: without it the extension ends elsewhere
+    c = make()
+    fit(c, batches, 4, tmp_path / "c.ckpt", 0.05, 2, "c", loss, 1)
+    c2 = make()
+    fit(c2, batches, 8, tmp_path / "c.ckpt", 0.05, 2, "c", loss, 1)
+    assert not all(torch.allclose(pa, pc) for pa, pc in zip(a.parameters(), c2.parameters()))
+
+
 def test_tiny_run_exports_manifest_with_real_hashes(tiny_run):
     from CMBDetectorLib.models import sha256, verify
 
@@ -105,6 +147,31 @@ def test_other_config_in_same_folder_refused(tiny_run):
     cfg.detector_steps += 1
     with pytest.raises(InputError, match="another configuration"):
         Run(tiny_run[0], cfg)
+
+
+def test_cases_from_another_simulator_version_refused(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], run)
+    version = json.loads((run / "data_version.json").read_text())
+    assert set(version) >= {"simulation", "preprocessing"}
+    Run(run, TrainConfig.tiny())  # same code: accepted
+    version["simulation"] = "0" * 16
+    (run / "data_version.json").write_text(json.dumps(version))
+    with pytest.raises(InputError, match="another version of simulation"):
+        Run(run, TrainConfig.tiny())
+
+
+def test_operating_point_is_chosen_on_validation_with_min_volume(tiny_run):
+    op = json.loads((tiny_run[0] / "operating_point.json").read_text())
+    assert op["min_volume_mm3"] in (2.0, 3.0, 4.0, 5.0)
+    assert op["validation_scans"] >= 1
+    chosen = [g for g in op["grid"] if g["threshold"] == op["threshold"]
+              and g["min_volume_mm3"] == op["min_volume_mm3"]]
+    assert chosen and chosen[0]["tpr"] == op["validation_tpr_estimate"]
+    manifest = json.loads((tiny_run[1] / "manifest.json").read_text())
+    assert manifest["inference"]["min_volume_mm3"] == op["min_volume_mm3"]
 
 
 def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path):

@@ -105,10 +105,11 @@ def _crop(arr: np.ndarray, centre, size: int, fill=0) -> np.ndarray:
     return out
 
 
-def detector_patches(case: Case, rng: np.random.Generator, size: int = 56, n_pos: int = 6,
-                     n_rand: int = 4, n_mimic: int = 4):
+def detector_patches(case: Case, rng: np.random.Generator, size: int = 56, n_pos: int = 10,
+                     n_rand: int = 6, n_mimic: int = 6):
     """Image and label patches (the FRST is recomputed after augmentation): centred near CMBs
-    (jittered), at random brain locations, and on mimics (hard negatives)."""
+    (jittered), at random brain locations, and on mimics, veins sampled along their course
+    (hard negatives; see :func:`mimic_negatives`)."""
     centres, kinds = [], []
     if len(case.truth_centres):
         pick = rng.permutation(len(case.truth_centres))[:n_pos]
@@ -120,12 +121,9 @@ def detector_patches(case: Case, rng: np.random.Generator, size: int = 56, n_pos
         for p in rng.choice(len(brain), size=min(n_rand, len(brain)), replace=False):
             centres.append(brain[p])
             kinds.append(0)
-    if case.mimics.any():
-        ids = np.unique(case.mimics)[1:]
-        cms = ndi.center_of_mass(case.mimics > 0, case.mimics, ids)
-        for p in rng.permutation(len(ids))[:n_mimic]:
-            centres.append(np.array(cms[p]) + rng.integers(-4, 5, 3))
-            kinds.append(0)
+    for c in mimic_negatives(case, rng)[:n_mimic]:
+        centres.append(c + rng.integers(-4, 5, 3))
+        kinds.append(0)
     imgs = np.stack([_crop(case.image, c, size) for c in centres]) if centres else \
         np.zeros((0, size, size, size), np.float32)
     labs = np.stack([_crop((case.labels > 0).astype(np.uint8), c, size) for c in centres]) \
@@ -187,14 +185,9 @@ def discriminator_patches(case: Case, table: dict, rng: np.random.Generator, siz
     cls += [1] * len(pos) + [0] * len(neg)
     centres += list(case.truth_centres)
     cls += [1] * len(case.truth_centres)
-    if case.mimics.any():
-        ids = np.unique(case.mimics)[1:]
-        cms = ndi.center_of_mass(case.mimics > 0, case.mimics, ids)
-        keep = [m for m in cms if not np.any(
-            np.linalg.norm(case.truth_centres - np.array(m), axis=1) < 3)] \
-            if len(case.truth_centres) else list(cms)
-        centres += keep[:20]
-        cls += [0] * len(keep[:20])
+    mimic_centres = mimic_negatives(case, rng)
+    centres += list(mimic_centres)
+    cls += [0] * len(mimic_centres)
     if not centres:
         return (np.zeros((0, 2, size, size, size), np.float16),
                 np.zeros((0, size, size, size), np.uint8), np.zeros(0, np.int8))
@@ -203,6 +196,34 @@ def discriminator_patches(case: Case, table: dict, rng: np.random.Generator, siz
     x = extract_patches(channels, centres, size).astype(np.float16)
     seg = extract_patches((case.labels > 0).astype(np.float32)[None], centres, size)[:, 0]
     return x, seg.astype(np.uint8), np.array(cls, np.int8)
+
+
+def mimic_negatives(case: Case, rng: np.random.Generator, per_mimic: int = 1,
+                    per_vein: int = 3, max_total: int = 40, min_dist_mm: float = 3.0):
+    """Hard-negative centres on the mimics: each mimic's centre of mass plus random points
+    *along* each vein (a curved vein's centre of mass can lie off the vein, and detectors fire
+    anywhere along it), none within ``min_dist_mm`` of a true CMB."""
+    if not case.mimics.any():
+        return np.zeros((0, 3))
+    spacing = np.linalg.norm(case.grid[:3, :3], axis=0)[::-1]
+    ids = np.unique(case.mimics)[1:]
+    objs = ndi.find_objects(case.mimics.astype(np.int32))
+    out = []
+    for m in rng.permutation(ids):
+        sl = objs[m - 1]
+        if sl is None:
+            continue
+        pts = np.argwhere(case.mimics[sl] == m) + np.array([s.start for s in sl])
+        picks = [pts.mean(0)][:per_mimic]
+        if case.mimic_types.get(int(m)) == "vein":
+            picks += list(pts[rng.choice(len(pts), min(per_vein, len(pts)), replace=False)])
+        for c in picks:
+            if len(case.truth_centres) and np.min(np.linalg.norm(
+                    (case.truth_centres - c) * spacing, axis=1)) < min_dist_mm:
+                continue
+            out.append(np.asarray(c, float))
+    rng.shuffle(out)
+    return np.array(out[:max_total]).reshape(-1, 3)
 
 
 def component_count(labels: np.ndarray) -> int:
