@@ -164,8 +164,11 @@ def test_cases_from_another_simulator_version_refused(tiny_run, tmp_path):
 
 
 def test_operating_point_is_chosen_on_validation_with_min_volume(tiny_run):
+    from CMBDetectorLib.training import MIN_VOLUME_CHOICES_MM3
+
     op = json.loads((tiny_run[0] / "operating_point.json").read_text())
-    assert op["min_volume_mm3"] in (2.0, 3.0, 4.0, 5.0)
+    assert op["min_volume_mm3"] in MIN_VOLUME_CHOICES_MM3
+    assert len(op["grid"]) == 19 * len(MIN_VOLUME_CHOICES_MM3)
     assert op["validation_scans"] >= 1
     chosen = [g for g in op["grid"] if g["threshold"] == op["threshold"]
               and g["min_volume_mm3"] == op["min_volume_mm3"]]

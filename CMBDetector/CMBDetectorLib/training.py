@@ -773,8 +773,9 @@ def record_test_metrics(models_dir, report: dict) -> None:
     write_manifest(models_dir, manifest)
 
 
-#: Clean-up minimum volumes tried on validation (mm^3; a 2 mm sphere is 4.2 mm^3).
-MIN_VOLUME_CHOICES_MM3 = (2.0, 3.0, 4.0, 5.0)
+#: Clean-up minimum volumes tried on validation (mm^3 on the 1 mm working grid, so 1.0 keeps
+#: single-voxel candidates; a 2 mm sphere is 4.2 mm^3).
+MIN_VOLUME_CHOICES_MM3 = (1.0, 2.0, 3.0, 4.0, 5.0)
 
 PHASES = ("data", "detector", "candidates", "teacher", "student", "export", "evaluate")
 
