@@ -198,8 +198,8 @@ def discriminator_patches(case: Case, table: dict, rng: np.random.Generator, siz
     return x, seg.astype(np.uint8), np.array(cls, np.int8)
 
 
-def mimic_negatives(case: Case, rng: np.random.Generator, per_mimic: int = 1,
-                    per_vein: int = 3, max_total: int = 40, min_dist_mm: float = 3.0):
+def mimic_negatives(case: Case, rng: np.random.Generator, per_vein: int = 3,
+                    max_total: int = 40, min_dist_mm: float = 3.0):
     """Hard-negative centres on the mimics: each mimic's centre of mass plus random points
     *along* each vein (a curved vein's centre of mass can lie off the vein, and detectors fire
     anywhere along it), none within ``min_dist_mm`` of a true CMB."""
@@ -214,7 +214,7 @@ def mimic_negatives(case: Case, rng: np.random.Generator, per_mimic: int = 1,
         if sl is None:
             continue
         pts = np.argwhere(case.mimics[sl] == m) + np.array([s.start for s in sl])
-        picks = [pts.mean(0)][:per_mimic]
+        picks = [pts.mean(0)]
         if case.mimic_types.get(int(m)) == "vein":
             picks += list(pts[rng.choice(len(pts), min(per_vein, len(pts)), replace=False)])
         for c in picks:
