@@ -741,7 +741,7 @@ def _truth_pmax(case, tab) -> list:
     """Per true CMB: the max detector probability of a candidate that hit it (0 = missed)."""
     out = np.zeros(len(case.truth_centres))
     if len(tab["centres"]) and len(case.truth_centres):
-        spacing = np.linalg.norm(case.grid[:3, :3], axis=0)[::-1]
+        spacing = case.spacing_kji
         for c, p, hit in zip(tab["centres"], tab["pmax"], tab["is_cmb"]):
             if hit:
                 d = np.linalg.norm((case.truth_centres - c) * spacing, axis=1)

@@ -36,6 +36,11 @@ class Case:
     mimic_types: dict           # mimic label -> type
     truth_centres: np.ndarray   # (N, 3) working-grid (k, j, i) of the true CMB centres
 
+    @property
+    def spacing_kji(self) -> np.ndarray:
+        """Voxel size (mm) along the array axes (k, j, i), for distances between centres."""
+        return np.linalg.norm(self.grid[:3, :3], axis=0)[::-1]
+
     def save(self, path) -> None:
         np.savez_compressed(path, grid=self.grid, image=self.image.astype(np.float16),
                             frst=self.frst.astype(np.float16), mask=self.mask,
@@ -146,7 +151,7 @@ def candidate_table(case: Case, detector, settings: DetectionSettings):
     labels, voxels, pmax, centres = extract_candidates(prob, settings.candidate_threshold,
                                                        case.mask)
     n = len(centres)
-    spacing = np.linalg.norm(case.grid[:3, :3], axis=0)
+    spacing = case.spacing_kji[::-1]  # (i, j, k), as shape_features and edge_distance take
     vol, elong = shape_features(labels, n, spacing)
     edge = edge_distance(case.mask, centres, spacing)
     is_cmb = np.zeros(n, bool)
@@ -205,7 +210,7 @@ def mimic_negatives(case: Case, rng: np.random.Generator, per_vein: int = 3,
     anywhere along it), none within ``min_dist_mm`` of a true CMB."""
     if not case.mimics.any():
         return np.zeros((0, 3))
-    spacing = np.linalg.norm(case.grid[:3, :3], axis=0)[::-1]
+    spacing = case.spacing_kji
     ids = np.unique(case.mimics)[1:]
     objs = ndi.find_objects(case.mimics.astype(np.int32))
     out = []
