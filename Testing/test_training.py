@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.training import (TrainConfig, Run, cosine_factor, dice_ce_loss, fit, kd_loss,
-                                     run_training)
+                                     lesion_size_weights, run_training)
 
 
 def test_voxel_weights_apply_before_reduction():
@@ -25,6 +25,35 @@ def test_voxel_weights_apply_before_reduction():
     assert torch.isclose(loss, dice + (ce * w).sum() / w.sum())
     # The reference's bug (mean CE times mean weight) gives a different, much smaller CE term.
     assert not torch.isclose(loss, dice + ce.mean() * (10 * target.float()).mean())
+
+
+def test_lesion_size_weights_favour_small_lesions():
+    lab = np.zeros((12, 12, 12), np.uint8)
+    lab[2, 2, 2] = 1                      # one voxel
+    lab[6:9, 6:9, 6:9] = 1                # 27 voxels
+    lab[2, 9:11, 9] = 1                   # two voxels
+    w = lesion_size_weights(lab, ref_voxels=8.0, max_factor=4.0)
+    assert w[2, 2, 2] == 4.0              # capped
+    assert w[2, 9, 9] == w[2, 10, 9] == 4.0
+    assert np.all(w[6:9, 6:9, 6:9] == 1.0)  # larger than the reference size
+    assert w[0, 0, 0] == 1.0 and w.dtype == np.float32
+    lab[2, 3:6, 2] = 1                    # the one-voxel lesion grows to four voxels
+    assert lesion_size_weights(lab, 8.0, 4.0)[2, 2, 2] == 2.0
+    assert np.all(lesion_size_weights(lab, 8.0, 1.0) == 1.0)  # switched off
+
+
+def test_size_weight_makes_a_missed_small_lesion_cost_more():
+    target = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    target[0, 1, 1, 1] = 1
+    target[0, 4:7, 4:7, 4:7] = 1
+    logits = torch.zeros(1, 2, 8, 8, 8)
+    logits[:, 0] = 3.0                    # background everywhere ...
+    logits[0, :, 4:7, 4:7, 4:7] = torch.tensor([-3.0, 3.0])[:, None, None, None]  # ... big found
+    w = torch.from_numpy(lesion_size_weights(target[0].numpy(), 8.0, 4.0))[None]
+    assert dice_ce_loss(logits, target, size_weight=w) > dice_ce_loss(logits, target)
+    ones = torch.ones_like(w)
+    assert torch.isclose(dice_ce_loss(logits, target, size_weight=ones),
+                         dice_ce_loss(logits, target))
 
 
 def test_kd_loss_reduces_to_ce_and_to_kl():
