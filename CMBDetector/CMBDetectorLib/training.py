@@ -609,7 +609,7 @@ class Run:
         grid = []
         for min_vol in MIN_VOLUME_CHOICES_MM3:
             base = DetectionSettings(candidate_threshold=cand_t, min_volume_mm3=min_vol)
-            for thr in np.round(np.arange(0.05, 0.96, 0.05), 2):
+            for thr in STUDENT_THRESHOLDS:
                 tp = fp = 0
                 for r, p in zip(rows, probs):
                     pm = np.array(r["pmax"])
@@ -801,6 +801,11 @@ def record_test_metrics(models_dir, report: dict) -> None:
 #: Clean-up minimum volumes tried on validation (mm^3 on the 1 mm working grid, so 1.0 keeps
 #: single-voxel candidates; a 2 mm sphere is 4.2 mm^3).
 MIN_VOLUME_CHOICES_MM3 = (1.0, 2.0, 3.0, 4.0, 5.0)
+
+#: Student thresholds tried on validation: steps of 0.05, and of 0.01 above 0.9, where a
+#: confident student's false positives thin out fastest (0.90 -> 0.95 once halved them).
+STUDENT_THRESHOLDS = tuple(sorted(set(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist())
+                                  | {0.91, 0.92, 0.93, 0.94, 0.96, 0.97, 0.98, 0.99}))
 
 PHASES = ("data", "detector", "candidates", "teacher", "student", "export", "evaluate")
 
