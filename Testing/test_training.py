@@ -193,11 +193,16 @@ def test_cases_from_another_simulator_version_refused(tiny_run, tmp_path):
 
 
 def test_operating_point_is_chosen_on_validation_with_min_volume(tiny_run):
-    from CMBDetectorLib.training import MIN_VOLUME_CHOICES_MM3
+    from CMBDetectorLib.training import MIN_VOLUME_CHOICES_MM3, STUDENT_THRESHOLDS
 
     op = json.loads((tiny_run[0] / "operating_point.json").read_text())
     assert op["min_volume_mm3"] in MIN_VOLUME_CHOICES_MM3
-    assert len(op["grid"]) == 19 * len(MIN_VOLUME_CHOICES_MM3)
+    assert len(op["grid"]) == len(STUDENT_THRESHOLDS) * len(MIN_VOLUME_CHOICES_MM3)
+    assert {g["threshold"] for g in op["grid"]} >= {0.05, 0.5, 0.9, 0.94, 0.99}
+    # the chosen point is the best feasible one of the whole grid
+    feasible = [g for g in op["grid"] if g["fp_per_scan"] <= TrainConfig.tiny().max_fp_per_subject]
+    if feasible:
+        assert op["validation_tpr_estimate"] == max(g["tpr"] for g in feasible)
     assert op["validation_scans"] >= 1
     chosen = [g for g in op["grid"] if g["threshold"] == op["threshold"]
               and g["min_volume_mm3"] == op["min_volume_mm3"]]
