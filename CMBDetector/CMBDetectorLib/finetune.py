@@ -103,11 +103,11 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
     if len(pos) == 0:
         raise InputError("the training scans hold no CMB")
     det = bundle.detector
+    cfg = TrainConfig()  # the bundled detector's loss settings
 
     def det_batches(r):
         idx = np.concatenate([r.choice(pos, batch // 2), r.choice(neg, batch - batch // 2)])
         xs, ys = zip(*(augment_detector(img[i], lab[i], r, patch) for i in idx))
-        cfg = TrainConfig()
         w = np.stack([lesion_size_weights(y, cfg.detector_small_lesion_ref,
                                           cfg.detector_small_lesion_max) for y in ys])
         return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64)),
