@@ -69,7 +69,7 @@ class TrainConfig:
     student_base: int = 8
     student_hidden: int = 32
     disc_patch: int = 24
-    disc_steps: int = 1600
+    disc_steps: int = 3200
     #: The multi-task teacher is larger and learns two tasks (with 800 steps its classifier was
     #: weaker than the small student trained alone).
     teacher_steps: int = 2400
