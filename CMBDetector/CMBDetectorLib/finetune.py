@@ -67,8 +67,7 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
 
     from .models import MODELS_DIR, load_bundle, write_manifest
     from .settings import DetectionSettings
-    from .training import (TrainConfig, augment_detector, augment_patch, dice_ce_loss, fit,
-                           lesion_size_weights)
+    from .training import TrainConfig, augment_patch, detector_batch, dice_ce_loss, fit
     from .training_data import (candidate_table, detector_patches, discriminator_patches,
                                 make_case)
 
@@ -107,11 +106,7 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
 
     def det_batches(r):
         idx = np.concatenate([r.choice(pos, batch // 2), r.choice(neg, batch - batch // 2)])
-        xs, ys = zip(*(augment_detector(img[i], lab[i], r, patch) for i in idx))
-        w = np.stack([lesion_size_weights(y, cfg.detector_small_lesion_ref,
-                                          cfg.detector_small_lesion_max) for y in ys])
-        return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64)),
-                torch.from_numpy(w))
+        return detector_batch(img, lab, idx, r, patch, cfg)
 
     fit(det, det_batches, steps, ck / "detector.ckpt", lr, 50, "finetune detector",
         lambda m, b: dice_ce_loss(m(b[0]), b[1], size_weight=b[2]), seed + 1)

@@ -182,6 +182,18 @@ def lesion_size_weights(lab: np.ndarray, ref_voxels: float, max_factor: float) -
     return factor[comp]
 
 
+def detector_batch(img, lab, idx, rng, patch: int, cfg: "TrainConfig"):
+    """Augmented detector batch of bank rows ``idx``: (inputs, labels, lesion-size weights) as
+    tensors, for training and fine-tuning alike."""
+    import torch
+
+    xs, ys = zip(*(augment_detector(img[i], lab[i], rng, patch) for i in idx))
+    w = np.stack([lesion_size_weights(y, cfg.detector_small_lesion_ref,
+                                      cfg.detector_small_lesion_max) for y in ys])
+    return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64)),
+            torch.from_numpy(w))
+
+
 def dice_ce_loss(logits, target, pos_weight: float = 10.0, smooth: float = 1.0,
                  size_weight=None):
     """Soft Dice on the lesion class + voxel-weighted cross-entropy.
@@ -411,12 +423,7 @@ class Run:
 
         def batches(rng):
             idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, cfg.detector_batch - half)])
-            xs, ys = zip(*(augment_detector(img[i], lab[i], rng, cfg.detector_patch)
-                           for i in idx))
-            w = np.stack([lesion_size_weights(y, cfg.detector_small_lesion_ref,
-                                              cfg.detector_small_lesion_max) for y in ys])
-            return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64)),
-                    torch.from_numpy(w))
+            return detector_batch(img, lab, idx, rng, cfg.detector_patch, cfg)
 
         def loss_fn(m, batch):
             x, y, w = batch
