@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from CMBDetectorLib.inference import (extract_candidates, extract_patches, predict_volume,
-                                      tile_starts)
+from CMBDetectorLib.inference import (MIRRORS, extract_candidates, extract_patches,
+                                      predict_volume, score_candidates, tile_starts)
 from CMBDetectorLib.networks import Student, Teacher, UNet3D, count_parameters
 
 
@@ -55,3 +55,20 @@ def test_unet_keeps_odd_shapes():
     net = UNet3D(2, 4).eval()
     with torch.no_grad():
         assert net(torch.zeros(1, 2, 17, 22, 13)).shape == (1, 2, 17, 22, 13)
+
+
+def test_mirrored_scoring_is_the_mean_over_the_eight_mirror_images():
+    torch.manual_seed(1)
+    net = Student(base=4, hidden=8).eval()
+    vol = np.random.default_rng(1).normal(0, 1, (2, 30, 30, 30)).astype(np.float32)
+    centres = np.array([[15.0, 14.0, 16.0], [10.0, 20.0, 12.0]])
+    patches = torch.from_numpy(extract_patches(vol, centres, 24))
+    with torch.no_grad():
+        views = [torch.softmax(net(torch.flip(patches, d) if d else patches), 1)[:, 1]
+                 for d in MIRRORS]
+    assert len(set(MIRRORS)) == 8
+    mirrored = score_candidates(net, vol, centres, 24, batch_size=1)
+    plain = score_candidates(net, vol, centres, 24, mirrored=False)
+    np.testing.assert_allclose(mirrored, torch.stack(views).mean(0).numpy(), atol=1e-6)
+    np.testing.assert_allclose(plain, views[0].numpy(), atol=1e-6)
+    assert np.abs(mirrored - plain).max() > 1e-6  # the views do differ

@@ -221,3 +221,38 @@ def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path
     row = next(ln for ln in text.splitlines() if ln.startswith("| all |"))
     assert f"| {ev['overall']['truth_cmbs']} |" in row
     assert "Not for diagnostic use" in text and (tmp_path / "froc.png").exists()
+
+
+def test_score_tap_records_other_classifiers_as_the_engine_scores_them():
+    """Evaluation compares the teacher and the no-distillation student on the shipped
+    student's own (mirrored, batched) patches; their recorded probabilities must equal what
+    score_candidates gives each of them directly."""
+    torch = pytest.importorskip("torch")
+    from CMBDetectorLib.inference import MIRRORS, score_candidates
+    from CMBDetectorLib.networks import Student, Teacher
+    from CMBDetectorLib.training import ScoreTap
+
+    torch.manual_seed(3)
+    nets = {"a": Student(base=4, hidden=8).eval(), "b": Student(base=4, hidden=8).eval(),
+            "t": Teacher(base=4, hidden=8).eval()}
+    vol = np.random.default_rng(3).normal(0, 3, (2, 32, 32, 32)).astype(np.float32)
+    centres = np.array([[8.0, 9, 10], [16, 16, 16], [20, 12, 25], [25, 25, 5], [5, 28, 18]])
+    for mirrored, views in ((True, len(MIRRORS)), (False, 1)):
+        tap = ScoreTap(nets["a"], {"b": nets["b"], "t": nets["t"]})
+        shipped = score_candidates(tap, vol, centres, 24, batch_size=2, mirrored=mirrored)
+        np.testing.assert_allclose(shipped, score_candidates(nets["a"], vol, centres, 24,
+                                                             mirrored=mirrored), atol=1e-6)
+        direct_b = score_candidates(nets["b"], vol, centres, 24, mirrored=mirrored)
+        assert np.ptp(direct_b) > 1e-6  # distinct per candidate, so misalignment would show
+        np.testing.assert_allclose(tap.probabilities("b", views), direct_b, atol=1e-6)
+
+        class TeacherCls(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.t = nets["t"]
+
+            def forward(self, x):
+                return self.t(x)[0]
+        np.testing.assert_allclose(tap.probabilities("t", views),
+                                   score_candidates(TeacherCls().eval(), vol, centres, 24,
+                                                    mirrored=mirrored), atol=1e-6)

@@ -96,7 +96,8 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
 
     prog.stage("discrimination")
     patch = int(models.manifest.get("patch_size", 24)) if hasattr(models, "manifest") else 24
-    conf = score_candidates(models.student, channels, centres, patch, settings.batch_size)
+    conf = score_candidates(models.student, channels, centres, patch, settings.batch_size,
+                            settings.mirrored_scoring)
 
     prog.stage("clean-up")
     spacing = prep.grid.spacing

@@ -115,7 +115,11 @@ def extract_patches(channels: np.ndarray, centres_kji: np.ndarray, size: int = 2
     return out
 
 
-def _student_probabilities(net, patches, batch_size):
+#: The eight mirror images of a patch (flips of any subset of the three axes).
+MIRRORS = tuple(tuple(ax + 2 for ax in range(3) if n >> ax & 1) for n in range(8))
+
+
+def _student_probabilities(net, patches, batch_size, mirrors=((),)):
     import torch
 
     device = _device_of(net)
@@ -123,14 +127,23 @@ def _student_probabilities(net, patches, batch_size):
     with torch.no_grad():
         for s in range(0, len(patches), batch_size):
             t = torch.from_numpy(patches[s:s + batch_size]).to(device)
-            probs.append(torch.softmax(net(t), 1)[:, 1].float().cpu().numpy())
+            p = sum(torch.softmax(net(torch.flip(t, dims) if dims else t), 1)[:, 1]
+                    for dims in mirrors) / len(mirrors)
+            probs.append(p.float().cpu().numpy())
     return np.concatenate(probs) if probs else np.zeros(0, np.float32)
 
 
 def score_candidates(net, channels: np.ndarray, centres_kji: np.ndarray,
-                     patch_size: int = 24, batch_size: int = 64) -> np.ndarray:
-    """Student probability that each candidate is a microbleed."""
+                     patch_size: int = 24, batch_size: int = 64,
+                     mirrored: bool = True) -> np.ndarray:
+    """Student probability that each candidate is a microbleed.
+
+    With ``mirrored`` the probability is averaged over the patch's eight mirror images (the
+    student was trained with random flips; averaging removes the orientation noise of a single
+    view, which matters at the strict thresholds that keep false positives below one per scan).
+    """
     if len(centres_kji) == 0:
         return np.zeros(0, np.float32)
     patches = extract_patches(channels, centres_kji, patch_size)
-    return run_with_fallback(_student_probabilities, net, patches, batch_size)
+    mirrors = MIRRORS if mirrored else ((),)
+    return run_with_fallback(_student_probabilities, net, patches, batch_size, mirrors)

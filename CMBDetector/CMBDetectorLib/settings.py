@@ -42,6 +42,9 @@ class DetectionSettings:
     device: str = "auto"
     #: Candidates scored per student forward pass.
     batch_size: int = 64
+    #: Average the student over each patch's eight mirror images (the bundled operating point
+    #: was chosen with it on).
+    mirrored_scoring: bool = True
 
     def validate(self) -> "DetectionSettings":
         if not 0.0 <= self.threshold <= 1.0:

@@ -588,7 +588,7 @@ class Run:
             case = Case.load(self.dir / "cases" / f"{r['case']}.npz")
             cent = np.array(r["centres"], float).reshape(-1, 3)
             out.append(score_candidates(net, np.stack([case.image, case.frst]), cent,
-                                        self.cfg.disc_patch))
+                                        self.cfg.disc_patch, mirrored=True))
         return out
 
     def choose_operating_point(self):
@@ -669,8 +669,9 @@ class Run:
             "models": entries,
             "teacher": {"architecture": "Teacher", "config": self.teacher_config(),
                         "parameters": teacher_params, "shipped": False},
-            "inference": {k: op[k] for k in ("candidate_threshold", "threshold",
-                                             "min_volume_mm3") if k in op},
+            "inference": {**{k: op[k] for k in ("candidate_threshold", "threshold",
+                                                "min_volume_mm3") if k in op},
+                          "mirrored_scoring": True},  # as score_validation chose it
             "training": {"command": "cmbdetector train --run-dir runs/main --export",
                          "config": asdict(self.cfg),
                          "data": "simulated subjects (CMBDetectorLib.simulation) on MNI152 "
@@ -707,10 +708,9 @@ class Run:
         and the student trained without distillation on the very same candidates."""
         import copy
 
-        import torch
-
         from .detection import default_settings, detect
         from .evaluation import evaluate_subjects, load_cases, write_report
+        from .inference import MIRRORS
         from .models import load_bundle
         from .outputs import write_outputs
         from .volume import read_volume
@@ -718,21 +718,9 @@ class Run:
         out_dir = Path(out_dir or self.path("eval", "x").parent)
         bundle = load_bundle(models_dir, device="cpu")
         settings = default_settings(bundle)
+        views = len(MIRRORS) if settings.mirrored_scoring else 1
         nokd = self.load("student_nokd", "Student", self.student_config())
         teacher = self.load("teacher", "Teacher", self.teacher_config())
-
-        class Tap(torch.nn.Module):
-            """The shipped student; records the other classifiers' scores on the same patches."""
-
-            def __init__(self, student):
-                super().__init__()
-                self.student, self.nokd, self.teacher = student, nokd, teacher
-                self.scores = {"student_nokd": [], "teacher": []}
-
-            def forward(self, x):
-                self.scores["student_nokd"].append(torch.softmax(self.nokd(x), 1)[:, 1])
-                self.scores["teacher"].append(torch.softmax(self.teacher(x)[0], 1)[:, 1])
-                return self.student(x)
 
         variants = {"student": out_dir / "pred", "student_nokd": out_dir / "pred_nokd",
                     "teacher": out_dir / "pred_teacher"}
@@ -743,14 +731,14 @@ class Run:
             name = f"sub-{seed}_{m}"
             if not (variants["teacher"] / f"{name}_detection.json").exists():
                 vol = read_volume(self.test_dir() / f"{name}.nii.gz")
-                tap = Tap(bundle.student).eval()
+                tap = ScoreTap(bundle.student, {"student_nokd": nokd, "teacher": teacher})
                 b = copy.copy(bundle)
                 b.student = tap
                 res = detect(vol, m, None, settings, b)
                 timings.append(sum(res.timings.values()))
                 write_outputs(vol, res, variants["student"], name=name)
                 for key in ("student_nokd", "teacher"):
-                    sc = torch.cat(tap.scores[key]).numpy() if tap.scores[key] else []
+                    sc = tap.probabilities(key, views)
                     alt = copy.deepcopy(res)
                     for c, p in zip(alt.candidates, sc):
                         c.confidence = float(p)
@@ -767,6 +755,38 @@ class Run:
         if timings:
             report["mean_detect_s"] = float(np.mean(timings))
         return report
+
+
+class ScoreTap:
+    """Stands in for the shipped student during evaluation: returns its logits and records the
+    other classifiers' probabilities on exactly the same (mirrored) patches."""
+
+    def __init__(self, student, others: dict):
+        self.student, self.others = student, others
+        self.calls = {k: [] for k in others}
+
+    def parameters(self):
+        return self.student.parameters()
+
+    def __call__(self, x):
+        import torch
+
+        for key, net in self.others.items():
+            out = net(x)
+            out = out[0] if isinstance(out, tuple) else out  # the teacher's class logits
+            self.calls[key].append(torch.softmax(out, 1)[:, 1])
+        return self.student(x)
+
+    def probabilities(self, key: str, views: int) -> np.ndarray:
+        """Per-candidate probabilities: score_candidates runs one forward per mirror image and
+        batch, in that order, so each batch's ``views`` calls are averaged."""
+        import torch
+
+        got = self.calls[key]
+        if not got:
+            return np.zeros(0, np.float32)
+        return torch.cat([sum(got[i:i + views]) / views
+                          for i in range(0, len(got), views)]).numpy()
 
 
 def _truth_pmax(case, tab) -> list:
