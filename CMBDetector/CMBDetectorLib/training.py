@@ -69,10 +69,12 @@ class TrainConfig:
     student_base: int = 8
     student_hidden: int = 32
     disc_patch: int = 24
-    disc_steps: int = 3200
+    #: Student steps (batch 16 on about 7,600 patches: ~10 epochs).
+    disc_steps: int = 4800
     #: The multi-task teacher is larger and learns two tasks (with 800 steps its classifier was
-    #: weaker than the small student trained alone).
-    teacher_steps: int = 2400
+    #: weaker than the small student trained alone; its loss still fell at 2,400 steps, and
+    #: 6,000 raised its mirror-averaged validation AUC from 0.987 to 0.990).
+    teacher_steps: int = 6000
     disc_batch: int = 16
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0

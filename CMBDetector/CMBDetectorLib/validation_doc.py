@@ -78,8 +78,10 @@ def build(run_dir, docs_dir) -> str:
          "- Each test scan went through the shipped `detect()` (same code as "
          "`cmbdetector detect`) with the bundled weights at their operating point "
          f"(candidate threshold {op['candidate_threshold']}, student threshold "
-         f"{op['threshold']}, clean-up minimum volume {op.get('min_volume_mm3', 2.0)} mm³), "
-         "and was scored by `cmbdetector evaluate`.",
+         f"{op['threshold']}, clean-up minimum volume {op.get('min_volume_mm3', 2.0)} mm³"
+         + ("; each classifier's probability is the mean over the patch's eight mirror images"
+            if manifest.get("inference", {}).get("mirrored_scoring") else "")
+         + "), and was scored by `cmbdetector evaluate`.",
          f"- That operating point was chosen on the {op.get('validation_scans', 'n/a')} "
          "validation scans alone, where it was estimated at "
          f"{_pct(op.get('validation_tpr_estimate'))} TPR with "
