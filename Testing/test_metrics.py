@@ -195,3 +195,35 @@ def test_size_bins():
     assert M.size_bin(4.99) == "3-5 mm"
     assert M.size_bin(5.0) == ">=5 mm"
     assert M.size_bin_labels((2, 4, 6)) == ["<2 mm", "2-4 mm", "4-6 mm", ">=6 mm"]
+
+
+def _counts(tp, n_ref, fp):
+    return M.ClusterCounts(n_ref, tp + fp, tp, n_ref - tp, tp, fp)
+
+
+def test_bootstrap_resamples_whole_subjects():
+    # Every subject has one detected CMB in one scan and one missed CMB in the other: resampling
+    # subjects always gives TPR 0.5; treating each scan as its own subject does not.
+    counts = [_counts(1, 1, 0), _counts(0, 1, 2)] * 20
+    subjects = [n // 2 for n in range(40)]
+    by_subject = M.bootstrap_cluster_ci(counts, subjects)
+    by_scan = M.bootstrap_cluster_ci(counts, list(range(40)))
+    assert by_subject["tpr_ci"] == [0.5, 0.5] and by_subject["ci_resampled_subjects"] == 20
+    assert by_subject["fp_per_subject_ci"] == [1.0, 1.0]
+    assert by_scan["tpr_ci"][0] < 0.4 and by_scan["tpr_ci"][1] > 0.6
+
+
+def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_subjects():
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        return [_counts(int(t), 4, int(f)) for t, f in
+                zip(rng.binomial(4, 0.8, n), rng.poisson(1.0, n))]
+    small, large = make(15), make(240)
+    ci_s = M.bootstrap_cluster_ci(small, list(range(15)))
+    ci_l = M.bootstrap_cluster_ci(large, list(range(240)))
+    pooled = M.pool_cluster(small)
+    assert ci_s["tpr_ci"][0] <= pooled["tpr"] <= ci_s["tpr_ci"][1]
+    assert ci_s["fp_per_subject_ci"][0] <= pooled["fp_per_subject"] <= ci_s["fp_per_subject_ci"][1]
+    width = lambda c: c["tpr_ci"][1] - c["tpr_ci"][0]  # noqa: E731
+    assert width(ci_l) < 0.5 * width(ci_s)

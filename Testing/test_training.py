@@ -220,6 +220,9 @@ def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path
     ev = json.loads((run / "eval" / "student" / "evaluation.json").read_text())
     row = next(ln for ln in text.splitlines() if ln.startswith("| all |"))
     assert f"| {ev['overall']['truth_cmbs']} |" in row
+    lo, hi = ev["overall"]["cluster"]["tpr_ci"]
+    assert lo <= ev["overall"]["cluster"]["tpr"] <= hi
+    assert f"({100 * lo:.1f}–{100 * hi:.1f})" in row
     assert "Not for diagnostic use" in text and (tmp_path / "froc.png").exists()
 
 

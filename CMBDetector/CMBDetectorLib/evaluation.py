@@ -283,6 +283,8 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
     with_maps = [s for s in scored if "_cluster" in s]
     if with_maps:
         res["cluster"] = M.pool_cluster([s["_cluster"] for s in with_maps])
+        res["cluster"].update(M.bootstrap_cluster_ci([s["_cluster"] for s in with_maps],
+                                                     [s["truth"] for s in with_maps]))
         res["cluster_one_to_one"] = M.pool_cluster([s["_cluster_one"] for s in with_maps])
         res["cluster_fp_types"] = {}
         for s in with_maps:
@@ -395,6 +397,13 @@ def _group_table(name: str, g: dict) -> list:
             lines.append(f"| {lab} | {_f(c['tpr'], True)} | {_f(c['precision'], True)} | "
                          f"{_f(c['fp_per_subject'])} | {c['tp']} | {c['fn']} | {c['fp']} |")
         lines.append("")
+        c = g["cluster"]
+        if c.get("tpr_ci"):
+            lines += [f"{100 * c['ci_level']:.0f} % bootstrap intervals (any overlap; "
+                      f"{c['ci_resampled_subjects']} subjects resampled, {c['ci_bootstrap']} "
+                      f"draws): TPR {_f(c['tpr_ci'][0], True)} to {_f(c['tpr_ci'][1], True)}, "
+                      f"FP/scan {_f(c['fp_per_subject_ci'][0])} to "
+                      f"{_f(c['fp_per_subject_ci'][1])}", ""]
     v = g["valdo"]
     lines += [f"VALDO centroid matching ({', '.join(v['sources'])}): median F1 "
               f"{_f(v['f1_median'])} (IQR {_f(v['f1_q1'])}-{_f(v['f1_q3'])}, "

@@ -216,6 +216,32 @@ def pool_cluster(counts: list) -> dict:
             "macro_precision": _clean(float(np.mean(per_prec)) if per_prec else math.nan)}
 
 
+def bootstrap_cluster_ci(counts: list, groups: list, n_boot: int = 2000, level: float = 0.95,
+                         seed: int = 0) -> dict:
+    """Percentile bootstrap intervals of pooled TPR and FP per scan.
+
+    Whole *subjects* are resampled (``groups[n]`` names the subject of ``counts[n]``): the
+    scans of one subject share its lesions and anatomy, so resampling scans would understate
+    the spread. With a few dozen subjects the intervals are wide — that is the point.
+    """
+    if not counts:
+        return {}
+    keys = {g: n for n, g in enumerate(dict.fromkeys(groups))}
+    per = np.zeros((len(keys), 4))  # tp, n_ref, fp, scans
+    for c, g in zip(counts, groups):
+        per[keys[g]] += (c.tp, c.n_ref, c.fp, 1)
+    draw = np.random.default_rng(seed).integers(0, len(per), (n_boot, len(per)))
+    tot = per[draw].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tot[:, 0] / tot[:, 1]
+    fp = tot[:, 2] / tot[:, 3]
+    q = [50 * (1 - level), 50 * (1 + level)]
+    ci = (lambda v: [_clean(float(x)) for x in np.nanpercentile(v, q)]  # noqa: E731
+          if np.isfinite(v).any() else [math.nan, math.nan])
+    return {"tpr_ci": ci(tpr), "fp_per_subject_ci": ci(fp), "ci_level": level,
+            "ci_resampled_subjects": len(per), "ci_bootstrap": n_boot}
+
+
 # --------------------------------------------------------------------------------------------
 # point matching (VALDO, any-within-distance, one-to-one)
 # --------------------------------------------------------------------------------------------

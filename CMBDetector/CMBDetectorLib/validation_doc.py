@@ -23,6 +23,14 @@ def _num(v, nd=2) -> str:
     return "n/a" if v is None else f"{v:.{nd}f}"
 
 
+def _ci(ci, pct: bool = False) -> str:
+    """`` (lo–hi)`` of a bootstrap interval, or nothing when the evaluation has none."""
+    if not ci or any(x is None for x in ci):
+        return ""
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.2f}")
+    return f" ({f(ci[0])}–{f(ci[1])})"
+
+
 def _group_rows(name: str, g: dict) -> str:
     st = g["stages"]
     cl, v = g["cluster"], g["valdo"]
@@ -33,7 +41,8 @@ def _group_rows(name: str, g: dict) -> str:
     return (f"| {name} | {g['scans']} ({g['cmb_positive_scans']} with CMBs) | {g['truth_cmbs']} | "
             f"{_pct(st['candidates']['tpr'])} / {_num(st['candidates']['fp_per_subject'], 1)} | "
             f"{_pct(st['student']['tpr'])} / {_num(st['student']['fp_per_subject'], 1)} | "
-            f"{_pct(cl['tpr'])} / {_num(cl['fp_per_subject'])} / {_pct(cl['precision'])} | "
+            f"{_pct(cl['tpr'])}{_ci(cl.get('tpr_ci'), True)} / {_num(cl['fp_per_subject'])}"
+            f"{_ci(cl.get('fp_per_subject_ci'))} / {_pct(cl['precision'])} | "
             f"{_pct(g['cluster_one_to_one']['tpr'])} | "
             f"{_num(v['f1_median'])} ({_num(v['f1_q1'])}-{_num(v['f1_q3'])}) | "
             f"{_num(v['count_difference_mean'])} | {'yes' if ok else '**no**'} |")
@@ -96,7 +105,9 @@ def build(run_dir, docs_dir) -> str:
          "predicted voxel overlaps it; a prediction overlapping no true CMB is a false positive. "
          "The one-to-one column pairs each prediction with at most one true CMB (Hungarian on "
          "overlap). VALDO: centroids within 5 mm, F1 per CMB-positive scan, median (IQR); "
-         "|Δcount| over all scans. Stage rows use candidate centroids within 5 mm.", "",
+         "|Δcount| over all scans. Stage rows use candidate centroids within 5 mm.",
+         "- Brackets after the cluster TPR and FP per scan: 95 % percentile bootstrap intervals, "
+         "resampling whole test subjects (their three scans together) 2,000 times.", "",
          "## Results on the test split", "",
          "Targets: after clean-up cluster TPR ≥ 90 % with ≤ 1 false positive per scan, and "
          "candidate-stage TPR ≥ 97 %, for each modality.", "",
@@ -148,7 +159,11 @@ def build(run_dir, docs_dir) -> str:
               "split (the paper reports +15 % TPR). During development a teacher trained for "
               "only 800 steps was *worse* than the student alone and distillation from it hurt; "
               f"the shipped teacher had {cfg.get('teacher_steps')} steps, each student "
-              f"{cfg.get('disc_steps')}."]
+              f"{cfg.get('disc_steps')}. With "
+              f"{st['overall']['cluster'].get('ci_resampled_subjects', 'these')} test subjects "
+              "the bootstrap intervals above span more than ten points, so a difference of a few "
+              "points between the classifiers is not conclusive (a paired comparison would be "
+              "tighter; it is not computed here)."]
     png = docs_dir / "froc.png"
     if curves:
         plot_froc(curves, png, title="Test split, all modalities: FROC over the confidence "
