@@ -227,3 +227,38 @@ def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_subjects():
     assert ci_s["fp_per_subject_ci"][0] <= pooled["fp_per_subject"] <= ci_s["fp_per_subject_ci"][1]
     width = lambda c: c["tpr_ci"][1] - c["tpr_ci"][0]  # noqa: E731
     assert width(ci_l) < 0.5 * width(ci_s)
+
+
+def _random_subjects(rng, n, shift=0.0):
+    subs = []
+    for _ in range(n):
+        ref = rng.uniform(0, 100, (rng.integers(0, 4), 3))
+        near = ref + rng.normal(0, 1.0, ref.shape)
+        far = rng.uniform(0, 100, (rng.integers(0, 6), 3)) + 300.0
+        conf = np.concatenate([np.clip(rng.uniform(0.3, 1.0, len(near)) - shift, 0, 1),
+                               rng.uniform(0, 0.9, len(far))])
+        subs.append({"pred_ras": np.vstack([near, far]), "confidence": np.round(conf, 3),
+                     "kept": np.ones(len(conf), bool), "ref_ras": ref})
+    return subs
+
+
+def test_exact_froc_average_equals_the_swept_froc():
+    subs = _random_subjects(np.random.default_rng(5), 25)
+    swept = M.froc(subs, require_kept=False, max_points=10**6)["mean_tpr_at_fp"]
+    ops = [M.froc_operands(s) for s in subs]
+    exact = M.mean_tpr_at_fp(np.concatenate([o[0] for o in ops]),
+                             np.concatenate([o[1] for o in ops]), len(subs))
+    assert exact == pytest.approx(swept, abs=1e-9)
+
+
+def test_paired_bootstrap_sees_a_real_difference_and_none_between_twins():
+    rng = np.random.default_rng(6)
+    a = _random_subjects(rng, 40)
+    b = [dict(s, confidence=np.where(np.arange(len(s["confidence"])) < len(s["ref_ras"]),
+                                     s["confidence"] - 0.3, s["confidence"])) for s in a]
+    groups = [n // 2 for n in range(40)]
+    same = M.paired_froc_bootstrap(a, a, groups, n_boot=200)
+    assert same["difference"] == 0 and same["difference_ci"] == [0.0, 0.0]
+    worse = M.paired_froc_bootstrap(a, b, groups, n_boot=200)
+    assert worse["difference"] > 0 and worse["difference_ci"][0] > 0
+    assert worse["resampled_subjects"] == 20

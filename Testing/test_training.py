@@ -223,6 +223,10 @@ def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path
     lo, hi = ev["overall"]["cluster"]["tpr_ci"]
     assert lo <= ev["overall"]["cluster"]["tpr"] <= hi
     assert f"({100 * lo:.1f}–{100 * hi:.1f})" in row
+    paired = json.loads((run / "eval" / "paired_froc.json").read_text())
+    r = paired["student_vs_student_nokd"]
+    assert r["difference_ci"][0] <= r["difference"] <= r["difference_ci"][1]
+    assert f"{100 * r['difference']:+.1f} points" in text
     assert "Not for diagnostic use" in text and (tmp_path / "froc.png").exists()
 
 

@@ -162,6 +162,25 @@ def _cand_arrays(case: EvalCase):
     return pts, conf, kept
 
 
+def compare_classifiers(cases_a: list, cases_b: list,
+                        distance_mm: float = M.DEFAULT_DISTANCE_MM, **kw) -> dict:
+    """Paired bootstrap of the FROC-averaged TPR difference between two classifiers' outputs on
+    the same scans (matched by name; subjects = truth names), see
+    :func:`metrics.paired_froc_bootstrap`."""
+    by_name = {c.name: c for c in cases_b}
+    missing = [c.name for c in cases_a if c.name not in by_name]
+    if missing:
+        raise InputError(f"scans missing from the second classifier: {', '.join(missing[:5])}")
+
+    def froc_subject(case):
+        pts, conf, kept = _cand_arrays(case)
+        return {"pred_ras": pts, "confidence": conf, "kept": kept,
+                "ref_ras": _truth_refs(case)["ras"]}
+    return M.paired_froc_bootstrap([froc_subject(c) for c in cases_a],
+                                   [froc_subject(by_name[c.name]) for c in cases_a],
+                                   [c.truth_name for c in cases_a], distance_mm, **kw)
+
+
 def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
                connectivity: int = 26, valdo_connectivity: int | None = None,
                point_rule: str = "any", mimic_distance_mm: float = 3.0) -> dict:

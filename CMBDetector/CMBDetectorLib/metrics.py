@@ -489,6 +489,85 @@ def froc(subjects: list, max_distance_mm: float = DEFAULT_DISTANCE_MM, rule: str
             "mean_tpr_at_fp": _clean(float(np.mean(list(tpr_at.values()))))}
 
 
+FROC_LIMITS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def froc_operands(subject: dict, max_distance_mm: float = DEFAULT_DISTANCE_MM,
+                  require_kept: bool = False):
+    """What the ``any``-rule FROC of one subject depends on, whatever the threshold: per true
+    CMB the highest confidence among candidates closer than the distance (``-inf`` if none),
+    and the confidences of candidates near no CMB (the false positives)."""
+    pred = _as_points(subject.get("pred_ras", []))
+    conf = np.asarray(subject.get("confidence", np.ones(len(pred))), float).reshape(-1)
+    if require_kept:
+        kept = np.asarray(subject.get("kept", np.ones(len(pred), bool)), bool).reshape(-1)
+        pred, conf = pred[kept], conf[kept]
+    ref = _as_points(subject.get("ref_ras", []))
+    if len(pred) and len(ref):
+        ok = np.linalg.norm(pred[:, None] - ref[None], axis=2) < float(max_distance_mm)
+    else:
+        ok = np.zeros((len(pred), len(ref)), bool)
+    best = np.where(ok, conf[:, None], -np.inf).max(0) if len(pred) else np.full(len(ref),
+                                                                                -np.inf)
+    return best, conf[~ok.any(1)] if len(ref) else conf
+
+
+def mean_tpr_at_fp(best: np.ndarray, fp_conf: np.ndarray, n_subjects: int,
+                   limits=FROC_LIMITS) -> float:
+    """Mean over ``limits`` of the best pooled TPR with at most ``limit`` FP per subject, exact
+    over every threshold (the FROC of :func:`froc` with the ``any`` rule, not subsampled)."""
+    if not len(best):
+        return math.nan
+    fp_desc = np.sort(fp_conf)[::-1]
+    out = []
+    for limit in limits:
+        allowed = int(math.floor(limit * n_subjects + 1e-9))
+        if len(fp_desc) <= allowed:
+            out.append(np.mean(best >= 0.0) if np.isfinite(best).any() else 0.0)
+        else:
+            out.append(np.mean(best > fp_desc[allowed]))
+    return float(np.mean(out))
+
+
+def paired_froc_bootstrap(subjects_a: list, subjects_b: list, groups: list,
+                          max_distance_mm: float = DEFAULT_DISTANCE_MM,
+                          require_kept: bool = False, n_boot: int = 2000, level: float = 0.95,
+                          seed: int = 0) -> dict:
+    """FROC-averaged TPR of two classifiers scored on the *same* scans (same order), and a
+    paired bootstrap interval of their difference (a − b), resampling whole subjects: far
+    tighter than comparing two unpaired intervals, because both see the same lesions."""
+    if len(subjects_a) != len(subjects_b) or len(subjects_a) != len(groups):
+        raise ValueError("paired comparison needs the same scans for both classifiers")
+    ops = [[froc_operands(s, max_distance_mm, require_kept) for s in subs]
+           for subs in (subjects_a, subjects_b)]
+    keys = {g: n for n, g in enumerate(dict.fromkeys(groups))}
+    members = [[] for _ in keys]
+    for n, g in enumerate(groups):
+        members[keys[g]].append(n)
+
+    def stat(scans):
+        vals = []
+        for op in ops:
+            best = np.concatenate([op[n][0] for n in scans]) if scans else np.zeros(0)
+            fp = np.concatenate([op[n][1] for n in scans]) if scans else np.zeros(0)
+            vals.append(mean_tpr_at_fp(best, fp, len(scans)))
+        return vals
+
+    a, b = stat(list(range(len(groups))))
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        scans = [n for g in rng.integers(0, len(members), len(members)) for n in members[g]]
+        va, vb = stat(scans)
+        diffs.append(va - vb)
+    q = [50 * (1 - level), 50 * (1 + level)]
+    lo, hi = np.nanpercentile(diffs, q)
+    return {"a": _clean(a), "b": _clean(b), "difference": _clean(a - b),
+            "difference_ci": [_clean(float(lo)), _clean(float(hi))], "ci_level": level,
+            "resampled_subjects": len(members), "bootstrap": n_boot,
+            "limits": list(FROC_LIMITS), "require_kept": require_kept}
+
+
 def plot_froc(curves: dict, path, title: str = "FROC", operating_points: dict | None = None):
     """Write a FROC plot (PNG) of ``{name: froc(...) result}``; matplotlib Agg, no display.
 

@@ -711,7 +711,7 @@ class Run:
         import copy
 
         from .detection import default_settings, detect
-        from .evaluation import evaluate_subjects, load_cases, write_report
+        from .evaluation import compare_classifiers, evaluate_subjects, load_cases, write_report
         from .inference import MIRRORS
         from .models import load_bundle
         from .outputs import write_outputs
@@ -747,13 +747,20 @@ class Run:
                     write_outputs(vol, alt, variants[key], name=name)
             bar((n + 1) / len(scans), name)
         bar.close()
-        report = {}
+        report, loaded = {}, {}
         for key, pred in variants.items():
             cases, _ = load_cases(pred, self.test_dir())
+            loaded[key] = cases
             result = evaluate_subjects(cases)
             result["classifier"] = key
             write_report(result, out_dir / key, plot=True)
             report[key] = result
+        # Does distillation help? Paired over the same scans, before clean-up (the student's own
+        # FROC), resampling whole subjects.
+        paired = {f"{a}_vs_{b}": compare_classifiers(loaded[a], loaded[b])
+                  for a, b in (("student", "student_nokd"), ("teacher", "student"))}
+        (out_dir / "paired_froc.json").write_text(json.dumps(paired, indent=1))
+        report["paired_froc"] = paired
         if timings:
             report["mean_detect_s"] = float(np.mean(timings))
         return report
@@ -823,7 +830,9 @@ def record_test_metrics(models_dir, report: dict) -> None:
         "note": "simulated test split never used in training; see docs/VALIDATION.md",
         "students": {key: {"overall": summary(r["overall"]),
                            **{m: summary(g) for m, g in r["by_modality"].items()}}
-                     for key, r in report.items() if isinstance(r, dict)}}
+                     for key, r in report.items() if isinstance(r, dict) and "overall" in r}}
+    if "paired_froc" in report:
+        manifest["test_metrics"]["paired_froc"] = report["paired_froc"]
     write_manifest(models_dir, manifest)
 
 
