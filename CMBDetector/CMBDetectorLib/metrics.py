@@ -216,6 +216,15 @@ def pool_cluster(counts: list) -> dict:
             "macro_precision": _clean(float(np.mean(per_prec)) if per_prec else math.nan)}
 
 
+def subject_members(groups: list) -> list:
+    """Scan indices of each subject, subjects in order of first appearance (the unit a
+    bootstrap resamples)."""
+    members: dict = {}
+    for n, g in enumerate(groups):
+        members.setdefault(g, []).append(n)
+    return list(members.values())
+
+
 def bootstrap_cluster_ci(counts: list, groups: list, n_boot: int = 2000, level: float = 0.95,
                          seed: int = 0) -> dict:
     """Percentile bootstrap intervals of pooled TPR and FP per scan.
@@ -226,10 +235,8 @@ def bootstrap_cluster_ci(counts: list, groups: list, n_boot: int = 2000, level: 
     """
     if not counts:
         return {}
-    keys = {g: n for n, g in enumerate(dict.fromkeys(groups))}
-    per = np.zeros((len(keys), 4))  # tp, n_ref, fp, scans
-    for c, g in zip(counts, groups):
-        per[keys[g]] += (c.tp, c.n_ref, c.fp, 1)
+    per = np.array([[sum(getattr(counts[n], k) for n in m) for k in ("tp", "n_ref", "fp")]
+                    + [len(m)] for m in subject_members(groups)], float)  # tp, n_ref, fp, scans
     draw = np.random.default_rng(seed).integers(0, len(per), (n_boot, len(per)))
     tot = per[draw].sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -540,10 +547,7 @@ def paired_froc_bootstrap(subjects_a: list, subjects_b: list, groups: list,
         raise ValueError("paired comparison needs the same scans for both classifiers")
     ops = [[froc_operands(s, max_distance_mm, require_kept) for s in subs]
            for subs in (subjects_a, subjects_b)]
-    keys = {g: n for n, g in enumerate(dict.fromkeys(groups))}
-    members = [[] for _ in keys]
-    for n, g in enumerate(groups):
-        members[keys[g]].append(n)
+    members = subject_members(groups)
 
     def stat(scans):
         vals = []
