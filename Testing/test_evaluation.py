@@ -212,3 +212,14 @@ def test_scan_without_candidates_still_counts_in_froc(dataset):
     assert o["stages"]["candidates"]["tpr"] == 0.5  # 2 of 4 CMBs: scan b found none
     assert max(o["froc"]["student"]["tpr"]) == 0.5
     assert res["cases"][1]["valdo"]["f1"] == 0.0
+
+
+def test_compare_classifiers_refuses_scans_the_other_classifier_lacks():
+    from types import SimpleNamespace
+
+    from CMBDetectorLib.errors import InputError
+    from CMBDetectorLib.evaluation import compare_classifiers
+
+    a = [SimpleNamespace(name="sub-1_swi"), SimpleNamespace(name="sub-2_swi")]
+    with pytest.raises(InputError, match="sub-2_swi"):
+        compare_classifiers(a, a[:1])

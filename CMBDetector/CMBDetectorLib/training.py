@@ -565,23 +565,10 @@ class Run:
     def score_validation(self, name: str, arch: str, config: dict) -> np.ndarray:
         """Classifier probabilities for every validation candidate row (detector candidates
         only, in candidate-table order)."""
-        import torch
-
         from .inference import score_candidates
         from .training_data import Case
 
-        net = self.load(name, arch, config)
-        if arch == "Teacher":
-            enc = net
-
-            class _Cls(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.t = enc
-
-                def forward(self, x):
-                    return self.t(x)[0]
-            net = _Cls().eval()
+        net = ClassLogits(self.load(name, arch, config))
         rows = json.loads(self.path("banks", "candidates.json").read_text())
         out = []
         for r in rows:
@@ -766,12 +753,28 @@ class Run:
         return report
 
 
+class ClassLogits:
+    """Any of the networks seen as a patch classifier: the teacher returns (class, segmentation)
+    logits, the students class logits only."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def __call__(self, x):
+        out = self.net(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
 class ScoreTap:
     """Stands in for the shipped student during evaluation: returns its logits and records the
     other classifiers' probabilities on exactly the same (mirrored) patches."""
 
     def __init__(self, student, others: dict):
-        self.student, self.others = student, others
+        self.student = student
+        self.others = {k: ClassLogits(net) for k, net in others.items()}
         self.calls = {k: [] for k in others}
 
     def parameters(self):
@@ -781,9 +784,7 @@ class ScoreTap:
         import torch
 
         for key, net in self.others.items():
-            out = net(x)
-            out = out[0] if isinstance(out, tuple) else out  # the teacher's class logits
-            self.calls[key].append(torch.softmax(out, 1)[:, 1])
+            self.calls[key].append(torch.softmax(net(x), 1)[:, 1])
         return self.student(x)
 
     def probabilities(self, key: str, views: int) -> np.ndarray:
