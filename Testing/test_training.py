@@ -263,3 +263,33 @@ def test_score_tap_records_other_classifiers_as_the_engine_scores_them():
         np.testing.assert_allclose(tap.probabilities("t", views),
                                    score_candidates(TeacherCls().eval(), vol, centres, 24,
                                                     mirrored=mirrored), atol=1e-6)
+
+
+def test_extra_validation_subjects_join_the_operating_point_only(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "extra"
+    shutil.copytree(tiny_run[0], run)
+    (run / "config.json").unlink()
+    bank = (run / "banks" / "candidates.npz").read_bytes()
+    cfg = TrainConfig.tiny()
+    cfg.n_val_extra = 1
+    run_training(run, cfg, tmp_path / "models", phases=("data", "candidates", "export"))
+    extra = json.loads((run / "banks" / "val_extra.json").read_text())
+    assert [r["case"].split("_")[0] for r in extra] == ["sub-2023800"] * len(cfg.modalities)
+    assert all(r["val"] == 1 for r in extra)
+    assert (run / "banks" / "candidates.npz").read_bytes() == bank  # no training patch added
+    op = json.loads((run / "operating_point.json").read_text())
+    assert op["validation_scans"] == (cfg.n_val + cfg.n_val_extra) * len(cfg.modalities)
+
+
+def test_settings_added_later_count_as_their_defaults(tmp_path):
+    cfg = TrainConfig.tiny()
+    Run(tmp_path, cfg)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["n_val_extra"]  # a folder made before the setting existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    Run(tmp_path, cfg)  # accepted: the missing setting is at its default
+    cfg.n_val_extra = 2
+    with pytest.raises(InputError, match="another configuration"):
+        Run(tmp_path, cfg)

@@ -46,6 +46,9 @@ class TrainConfig:
     n_pool_b: int = 40            # subjects for the discriminator (out-of-fold candidates)
     n_val: int = 8                # of pool B: validation subjects (operating point)
     n_test: int = 30              # never used in training
+    #: Extra validation subjects, simulated only to choose the operating point (with the
+    #: ``n_val`` of pool B); they add no training patch.
+    n_val_extra: int = 0
     sim_config: dict = field(default_factory=dict)   # SimulationConfig overrides
     #: CMB count range of the training pools (more positives per subject); the test split keeps
     #: the simulator's natural heavy-tailed count, CMB-free subjects included.
@@ -116,8 +119,9 @@ def subject_seeds(cfg: TrainConfig) -> dict:
     a = [s + i for i in range(cfg.n_pool_a)]
     b = [s + 500 + i for i in range(cfg.n_pool_b)]
     t = [s + 900 + i for i in range(cfg.n_test)]
+    v = [s + 800 + i for i in range(cfg.n_val_extra)]
     return {"pool_a": a, "pool_b_train": b[:cfg.n_pool_b - cfg.n_val],
-            "pool_b_val": b[cfg.n_pool_b - cfg.n_val:], "test": t}
+            "pool_b_val": b[cfg.n_pool_b - cfg.n_val:], "val_extra": v, "test": t}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +320,9 @@ class Run:
         self.cfg = cfg
         cfg_path = self.dir / "config.json"
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
+            # settings added since the folder was made count as their defaults
+            old = {**json.loads(json.dumps(asdict(TrainConfig()))),
+                   **json.loads(cfg_path.read_text())}
             if old != json.loads(json.dumps(asdict(cfg))):
                 raise InputError(f"{cfg_path}: the run folder holds another configuration; "
                                  "use a new --run-dir")
@@ -352,7 +358,7 @@ class Run:
     def case_path(self, seed: int, modality: str) -> Path:
         return self.path("cases", f"sub-{seed}_{modality}.npz")
 
-    def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val")):
+    def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val", "val_extra")):
         """Simulate training subjects and prepare each modality like inference does."""
         from .settings import DetectionSettings
         from .simulation import SimulationConfig, simulate_subject, write_subject
@@ -452,36 +458,55 @@ class Run:
     # -- phase 3 ------------------------------------------------------------------------------
     def candidate_tables(self):
         """Out-of-fold candidates on pool B with a low threshold (0.1); the operating candidate
-        threshold is chosen afterwards for the target sensitivity."""
-        from .settings import DetectionSettings
-        from .training_data import candidate_table, discriminator_patches
+        threshold is chosen afterwards for the target sensitivity. Then the candidate tables
+        of the extra validation subjects (no patches)."""
+        from .training_data import discriminator_patches
 
         path = self.path("banks", "candidates.npz")
-        if path.exists():
-            return
+        if not path.exists():
+            rng = np.random.default_rng(self.cfg.seed + 4)
+            xs, segs, cls, subj, rows = [], [], [], [], []
+            splits = [("pool_b_train", 0), ("pool_b_val", 1)]
+            todo = [(v, c) for sp, v in splits for c in self.cases(sp)]
+            for n, (is_val, case, tab) in enumerate(self._tables(todo, "candidates")):
+                rows.append(_candidate_row(case, tab, is_val))
+                x, s, c = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
+                xs.append(x), segs.append(s), cls.append(c)
+                subj += [n * 2 + is_val] * len(c)
+            np.savez(path, x=np.concatenate(xs), seg=np.concatenate(segs),
+                     cls=np.concatenate(cls), subj=np.array(subj))
+            self.path("banks", "candidates.json").write_text(json.dumps(rows))
+        extra = self.path("banks", "val_extra.json")
+        if self.cfg.n_val_extra and not extra.exists():
+            todo = [(1, c) for c in self.cases("val_extra")]
+            rows = [_candidate_row(case, tab, 1)
+                    for _, case, tab in self._tables(todo, "validation candidates")]
+            extra.write_text(json.dumps(rows))
+
+    def _tables(self, todo, label: str):
+        """(is_val, case, candidate table) for each (is_val, case), with a progress bar."""
+        from .settings import DetectionSettings
+        from .training_data import candidate_table
+
         det = self.load("detector", "UNet3D", self.detector_config())
         settings = DetectionSettings(candidate_threshold=0.1)
-        rng = np.random.default_rng(self.cfg.seed + 4)
-        xs, segs, cls, subj, rows = [], [], [], [], []
-        splits = [("pool_b_train", 0), ("pool_b_val", 1)]
-        todo = [(sp, v, c) for sp, v in splits for c in self.cases(sp)]
-        bar = ProgressBar("candidates")
-        for n, (split, is_val, case) in enumerate(todo):
-            tab = candidate_table(case, det, settings)
-            rows.append({"case": case.name, "modality": case.modality, "val": is_val,
-                         "n_truth": len(case.truth_centres),
-                         "truth_detected_pmax": _truth_pmax(case, tab),
-                         **{k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                            for k, v in tab.items() if k != "centres"},
-                         "centres": tab["centres"].tolist()})
-            x, s, c = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
-            xs.append(x), segs.append(s), cls.append(c)
-            subj += [n * 2 + is_val] * len(c)
+        bar = ProgressBar(label)
+        for n, (is_val, case) in enumerate(todo):
+            yield is_val, case, candidate_table(case, det, settings)
             bar((n + 1) / len(todo), case.name)
         bar.close()
-        np.savez(path, x=np.concatenate(xs), seg=np.concatenate(segs), cls=np.concatenate(cls),
-                 subj=np.array(subj))
-        self.path("banks", "candidates.json").write_text(json.dumps(rows))
+
+    def validation_rows(self) -> list:
+        """Candidate rows of every validation scan: pool B's validation subjects, then the
+        extra validation subjects."""
+        rows = [r for r in json.loads(self.path("banks", "candidates.json").read_text())
+                if r["val"]]
+        extra = self.path("banks", "val_extra.json")
+        if self.cfg.n_val_extra:
+            if not extra.exists():
+                raise InputError(f"{extra} is missing: run the candidates phase")
+            rows += json.loads(extra.read_text())
+        return rows
 
     # -- phase 4/5 ----------------------------------------------------------------------------
     def disc_bank(self, val: bool):
@@ -569,11 +594,8 @@ class Run:
         from .training_data import Case
 
         net = ClassLogits(self.load(name, arch, config))
-        rows = json.loads(self.path("banks", "candidates.json").read_text())
         out = []
-        for r in rows:
-            if not r["val"]:
-                continue
+        for r in self.validation_rows():
             case = Case.load(self.dir / "cases" / f"{r['case']}.npz")
             cent = np.array(r["centres"], float).reshape(-1, 3)
             out.append(score_candidates(net, np.stack([case.image, case.frst]), cent,
@@ -588,8 +610,7 @@ class Run:
         from .settings import DetectionSettings
         from .cleanup import verdicts
 
-        rows = [r for r in json.loads(self.path("banks", "candidates.json").read_text())
-                if r["val"]]
+        rows = self.validation_rows()
         probs = self.score_validation("student", "Student", self.student_config())
         # 1. candidate threshold: the highest that keeps target sensitivity.
         tp_pmax = np.concatenate([np.array(r["truth_detected_pmax"], float) for r in rows]) \
@@ -797,6 +818,15 @@ class ScoreTap:
             return np.zeros(0, np.float32)
         return torch.cat([sum(got[i:i + views]) / views
                           for i in range(0, len(got), views)]).numpy()
+
+
+def _candidate_row(case, tab: dict, is_val: int) -> dict:
+    """One scan's candidate table as JSON-ready lists."""
+    return {"case": case.name, "modality": case.modality, "val": is_val,
+            "n_truth": len(case.truth_centres), "truth_detected_pmax": _truth_pmax(case, tab),
+            **{k: (v.tolist() if isinstance(v, np.ndarray) else v)
+               for k, v in tab.items() if k != "centres"},
+            "centres": tab["centres"].tolist()}
 
 
 def _truth_pmax(case, tab) -> list:

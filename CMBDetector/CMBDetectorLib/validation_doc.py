@@ -79,7 +79,10 @@ def build(run_dir, docs_dir) -> str:
          "`python -m CMBDetectorLib.validation_doc runs/main docs`.",
          f"- Data: simulated subjects (`CMBDetectorLib.simulation`), split by subject: "
          f"{cfg['n_pool_a']} detector-training subjects, {cfg['n_pool_b']} discriminator "
-         f"subjects (of which {cfg['n_val']} chose the operating point), and a **test split of "
+         f"subjects (of which {cfg['n_val']} chose the operating point"
+         + (f", together with {cfg['n_val_extra']} validation subjects simulated for that alone"
+            if cfg.get("n_val_extra") else "")
+         + f"), and a **test split of "
          f"{cfg['n_test']} subjects never used in training**, each scanned as SWI, T2*-GRE and "
          "QSM (random field strength, TE, voxel size, orientation, noise, bias; veins, "
          "calcifications, deep-nuclei iron and air/bone artefacts in every subject; the "
