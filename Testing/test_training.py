@@ -283,13 +283,16 @@ def test_extra_validation_subjects_join_the_operating_point_only(tiny_run, tmp_p
     assert op["validation_scans"] == (cfg.n_val + cfg.n_val_extra) * len(cfg.modalities)
 
 
-def test_settings_added_later_count_as_their_defaults(tmp_path):
+def test_settings_added_later_take_their_legacy_value(tmp_path):
+    from CMBDetectorLib.training import LEGACY_SETTINGS
+
     cfg = TrainConfig.tiny()
+    assert cfg.n_val_extra == LEGACY_SETTINGS["n_val_extra"] == 0
     Run(tmp_path, cfg)
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["n_val_extra"]  # a folder made before the setting existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    Run(tmp_path, cfg)  # accepted: the missing setting is at its default
+    Run(tmp_path, cfg)  # accepted: the folder was made without extra validation subjects
     cfg.n_val_extra = 2
     with pytest.raises(InputError, match="another configuration"):
         Run(tmp_path, cfg)

@@ -45,10 +45,10 @@ class TrainConfig:
     n_pool_a: int = 40            # subjects for the detector
     n_pool_b: int = 40            # subjects for the discriminator (out-of-fold candidates)
     n_val: int = 8                # of pool B: validation subjects (operating point)
-    n_test: int = 30              # never used in training
+    n_test: int = 60              # never used in training
     #: Extra validation subjects, simulated only to choose the operating point (with the
     #: ``n_val`` of pool B); they add no training patch.
-    n_val_extra: int = 0
+    n_val_extra: int = 24
     sim_config: dict = field(default_factory=dict)   # SimulationConfig overrides
     #: CMB count range of the training pools (more positives per subject); the test split keeps
     #: the simulator's natural heavy-tailed count, CMB-free subjects included.
@@ -90,7 +90,7 @@ class TrainConfig:
     @classmethod
     def tiny(cls) -> "TrainConfig":
         """Seconds-scale configuration for the test suite (not a usable model)."""
-        return cls(n_pool_a=2, n_pool_b=2, n_val=1, n_test=1, detector_base=4,
+        return cls(n_pool_a=2, n_pool_b=2, n_val=1, n_val_extra=0, n_test=1, detector_base=4,
                    detector_patch=24, detector_steps=4, detector_restarts=(),
                    detector_batch=2, teacher_base=4,
                    teacher_hidden=8, student_base=2, student_hidden=4, disc_steps=4,
@@ -99,6 +99,10 @@ class TrainConfig:
                    sim_config={"roi_mm": 64.0, "spacing_mm": (1.0, 1.0, 1.5)},
                    pool_n_cmbs=(3, 4))
 
+
+#: Settings added after run folders existed, with the value that reproduces a folder made
+#: before them (which therefore lacks them).
+LEGACY_SETTINGS = {"n_val_extra": 0}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 DATA_MODULES = ("simulation", "anatomy", "preprocessing", "radial_symmetry", "volume")
@@ -320,9 +324,7 @@ class Run:
         self.cfg = cfg
         cfg_path = self.dir / "config.json"
         if cfg_path.exists():
-            # settings added since the folder was made count as their defaults
-            old = {**json.loads(json.dumps(asdict(TrainConfig()))),
-                   **json.loads(cfg_path.read_text())}
+            old = {**LEGACY_SETTINGS, **json.loads(cfg_path.read_text())}
             if old != json.loads(json.dumps(asdict(cfg))):
                 raise InputError(f"{cfg_path}: the run folder holds another configuration; "
                                  "use a new --run-dir")
