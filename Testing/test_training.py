@@ -216,7 +216,8 @@ def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path
 
     run, _ = tiny_run
     run_training(run, TrainConfig.tiny(), tiny_run[1], phases=("evaluate",))
-    text = build(run, tmp_path)
+    docs = tmp_path / "docs"  # made by build()
+    text = build(run, docs)
     ev = json.loads((run / "eval" / "student" / "evaluation.json").read_text())
     row = next(ln for ln in text.splitlines() if ln.startswith("| all |"))
     assert f"| {ev['overall']['truth_cmbs']} |" in row
@@ -227,7 +228,8 @@ def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path
     r = paired["student_vs_student_nokd"]
     assert r["difference_ci"][0] <= r["difference"] <= r["difference_ci"][1]
     assert f"{100 * r['difference']:+.1f} points" in text
-    assert "Not for diagnostic use" in text and (tmp_path / "froc.png").exists()
+    assert "Not for diagnostic use" in text and (docs / "froc.png").exists()
+    assert (docs / "VALIDATION.md").read_text() == text
 
 
 def test_score_tap_records_other_classifiers_as_the_engine_scores_them():

@@ -82,7 +82,7 @@ def build(run_dir, docs_dir) -> str:
          f"subjects (of which {cfg['n_val']} chose the operating point"
          + (f", together with {cfg['n_val_extra']} validation subjects simulated for that alone"
             if cfg.get("n_val_extra") else "")
-         + f"), and a **test split of "
+         + "), and a **test split of "
          f"{cfg['n_test']} subjects never used in training**, each scanned as SWI, T2*-GRE and "
          "QSM (random field strength, TE, voxel size, orientation, noise, bias; veins, "
          "calcifications, deep-nuclei iron and air/bone artefacts in every subject; the "
@@ -180,6 +180,7 @@ def build(run_dir, docs_dir) -> str:
                      f"{_pct(r['b'])} | {100 * r['difference']:+.1f} points "
                      f"({100 * lo:+.1f} to {100 * hi:+.1f}) | "
                      f"{'yes' if lo > 0 or hi < 0 else 'no: the interval contains 0'} |")
+    docs_dir.mkdir(parents=True, exist_ok=True)
     png = docs_dir / "froc.png"
     if curves:
         plot_froc(curves, png, title="Test split, all modalities: FROC over the confidence "
