@@ -225,6 +225,15 @@ def subject_members(groups: list) -> list:
     return list(members.values())
 
 
+def percentile_ci(draws, level: float) -> list:
+    """Central ``level`` percentile interval of bootstrap draws (NaN draws ignored)."""
+    v = np.asarray(draws, float)
+    if not np.isfinite(v).any():
+        return [math.nan, math.nan]
+    q = [50 * (1 - level), 50 * (1 + level)]
+    return [_clean(float(x)) for x in np.nanpercentile(v, q)]
+
+
 def bootstrap_cluster_ci(counts: list, groups: list, n_boot: int = 2000, level: float = 0.95,
                          seed: int = 0) -> dict:
     """Percentile bootstrap intervals of pooled TPR and FP per scan.
@@ -242,10 +251,8 @@ def bootstrap_cluster_ci(counts: list, groups: list, n_boot: int = 2000, level: 
     with np.errstate(invalid="ignore", divide="ignore"):
         tpr = tot[:, 0] / tot[:, 1]
     fp = tot[:, 2] / tot[:, 3]
-    q = [50 * (1 - level), 50 * (1 + level)]
-    ci = (lambda v: [_clean(float(x)) for x in np.nanpercentile(v, q)]  # noqa: E731
-          if np.isfinite(v).any() else [math.nan, math.nan])
-    return {"tpr_ci": ci(tpr), "fp_per_subject_ci": ci(fp), "ci_level": level,
+    return {"tpr_ci": percentile_ci(tpr, level), "fp_per_subject_ci": percentile_ci(fp, level),
+            "ci_level": level,
             "ci_resampled_subjects": len(per), "ci_bootstrap": n_boot}
 
 
@@ -564,10 +571,8 @@ def paired_froc_bootstrap(subjects_a: list, subjects_b: list, groups: list,
         scans = [n for g in rng.integers(0, len(members), len(members)) for n in members[g]]
         va, vb = stat(scans)
         diffs.append(va - vb)
-    q = [50 * (1 - level), 50 * (1 + level)]
-    lo, hi = np.nanpercentile(diffs, q)
     return {"a": _clean(a), "b": _clean(b), "difference": _clean(a - b),
-            "difference_ci": [_clean(float(lo)), _clean(float(hi))], "ci_level": level,
+            "difference_ci": percentile_ci(diffs, level), "ci_level": level,
             "resampled_subjects": len(members), "bootstrap": n_boot,
             "limits": list(FROC_LIMITS), "require_kept": require_kept}
 
