@@ -283,6 +283,9 @@ def test_extra_validation_subjects_join_the_operating_point_only(tiny_run, tmp_p
     assert (run / "banks" / "candidates.npz").read_bytes() == bank  # no training patch added
     op = json.loads((run / "operating_point.json").read_text())
     assert op["validation_scans"] == (cfg.n_val + cfg.n_val_extra) * len(cfg.modalities)
+    (run / "banks" / "val_extra.json").unlink()
+    with pytest.raises(InputError, match="val_extra.json is missing"):
+        Run(run, cfg).validation_rows()
 
 
 def test_settings_added_later_take_their_legacy_value(tmp_path):
