@@ -32,6 +32,7 @@ DEMO_FILE = "CMBDemo_SWI.nii.gz"
 DEMO_SHA256 = "00a4370cd341fc3d8e19dd905ab874c8e18fe0d3f3009db25b375f2189a4f31b"
 MODALITY_LABELS = ("SWI", "T2*-GRE", "QSM")
 MODALITY_BY_ENGINE = {"swi": "SWI", "gre": "T2*-GRE", "qsm": "QSM"}
+ENGINE_BY_MODALITY = {label: engine for engine, label in MODALITY_BY_ENGINE.items()}
 
 
 #
@@ -92,7 +93,8 @@ class CMBDetectorParameterNode:
     threshold - minimum student confidence of a reported lesion (0-1).
     device - Auto (CUDA if it works), CPU or GPU.
     outputDirectory - export folder; excludeRejected / exportSegmentation - export options.
-    thresholdFromModels - whether the threshold was initialised from the models' manifest.
+    thresholdFromModels - whether the threshold was initialised from the models' manifest (it
+        then follows the modality's validated threshold until the reviewer moves it).
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -120,6 +122,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._busy = False
         self._observedFiducial = None
         self._torchChecked = False
+        self._thresholdModality = None  # modality whose validated threshold the slider shows
 
     # --- set-up ----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -167,7 +170,7 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
-                                self._checkCanApply)
+                                self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()
@@ -181,15 +184,13 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.thresholdFromModels:
             # Start the slider at the operating point the bundled models were validated at
-            # (read from the manifest; no torch import). Once per parameter node, so a
-            # reviewer's own threshold survives scene save/load.
-            try:
-                from CMBDetectorLib.models import read_manifest
-                t = float(read_manifest().get("inference", {}).get("threshold", 0.5))
+            # for this modality (read from the manifest; no torch import). Once per parameter
+            # node, so a reviewer's own threshold survives scene save/load.
+            t = self._modelThreshold(self._parameterNode.modality)
+            if t is not None:
                 self._parameterNode.threshold = t
-            except Exception:  # no weights yet: keep the default; Detect will explain
-                pass
             self._parameterNode.thresholdFromModels = True
+        self._thresholdModality = self._parameterNode.modality
         if not self._parameterNode.inputVolume:
             node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if node and not node.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -199,13 +200,38 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
-                                self._checkCanApply)
+                                self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            self._thresholdModality = self._parameterNode.modality
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent,
-                             self._checkCanApply)
+                             self.onParameterNodeModified)
             self._checkCanApply()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._followModalityThreshold()
+        self._checkCanApply()
+
+    @staticmethod
+    def _modelThreshold(modality: str):
+        """The models' validated threshold for a modality label, or None without weights."""
+        try:
+            from CMBDetectorLib.models import default_threshold, read_manifest
+            return default_threshold(ENGINE_BY_MODALITY[modality], read_manifest())
+        except Exception:  # no weights yet: keep the slider; Detect will explain
+            return None
+
+    def _followModalityThreshold(self) -> None:
+        """When the modality changes and the slider still shows the previous modality's
+        validated threshold, move it to the new modality's (a reviewer's own value stays)."""
+        p = self._parameterNode
+        if p is None or p.modality == self._thresholdModality:
+            return
+        old, new = self._modelThreshold(self._thresholdModality), self._modelThreshold(p.modality)
+        self._thresholdModality = p.modality
+        if old is not None and new is not None and abs(p.threshold - old) < 5e-3:  # slider step
+            p.threshold = new
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         ok = bool(self._parameterNode and self._parameterNode.inputVolume) and not self._busy
@@ -472,6 +498,7 @@ class CMBDetectorTest(ScriptedLoadableModuleTest):
         self.test_bad_input()
         self.setUp()
         self.test_widget_names()
+        self.test_threshold_follows_the_modality_until_moved()
 
     def _scan(self):
         import numpy as np
@@ -549,3 +576,16 @@ class CMBDetectorTest(ScriptedLoadableModuleTest):
         node.SetName("7: T2star hemo")
         widget.ui.inputVolumeSelector.setCurrentNode(node)
         self.assertEqual(widget._parameterNode.modality, "T2*-GRE")
+
+    def test_threshold_follows_the_modality_until_moved(self):
+        from CMBDetectorLib.models import default_threshold, read_manifest
+
+        manifest = read_manifest()
+        p = slicer.modules.cmbdetector.widgetRepresentation().self()._parameterNode
+        p.modality = "SWI"
+        p.threshold = default_threshold("swi", manifest)
+        p.modality = "QSM"
+        self.assertAlmostEqual(p.threshold, default_threshold("qsm", manifest), places=2)
+        p.threshold = 0.33  # the reviewer's own value stays
+        p.modality = "T2*-GRE"
+        self.assertAlmostEqual(p.threshold, 0.33, places=2)

@@ -107,3 +107,31 @@ def test_given_mask_restricts_candidates(small_subject, tiny_bundle, low_setting
     for c in res.candidates:
         assert np.all(np.array(c.centroid_ijk) >= lo) and np.all(np.array(c.centroid_ijk) <= hi)
     assert abs(int((res.brain_mask > 0).sum()) - int(m.sum())) < 0.2 * m.sum()
+
+
+def test_per_modality_threshold_applies_to_its_modality_only(small_subject, tiny_bundle,
+                                                             low_settings):
+    from dataclasses import replace
+
+    vol = small_subject.images["swi"]
+    s = replace(low_settings, threshold=0.3, modality_thresholds={"swi": 0.7, "gre": 0.1})
+    res = detect(vol, "swi", settings=s, models=tiny_bundle)
+    assert res.threshold == 0.7
+    expected = {c.index for c in res.candidates if c.kept and c.confidence >= 0.7}
+    assert {x.candidate_index for x in res.lesions()} == expected
+    assert len(expected) < sum(c.kept for c in res.candidates)  # 0.7 removes some
+    res_qsm = detect(small_subject.images["qsm"], "qsm", settings=s, models=tiny_bundle)
+    assert res_qsm.threshold == 0.3  # not listed: the shared threshold
+
+
+def test_explicit_threshold_overrides_the_models_per_modality_ones(tiny_bundle):
+    from dataclasses import replace
+
+    from CMBDetectorLib.detection import default_settings
+
+    bundle = replace(tiny_bundle, settings={**tiny_bundle.settings, "threshold": 0.5,
+                                            "modality_thresholds": {"gre": 0.8}})
+    assert default_settings(bundle).threshold_for("gre") == 0.8
+    assert default_settings(bundle).threshold_for("swi") == 0.5
+    assert default_settings(bundle, threshold=0.2).threshold_for("gre") == 0.2
+    assert default_settings(bundle, threshold=None).threshold_for("gre") == 0.8

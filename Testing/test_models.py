@@ -61,3 +61,13 @@ def test_device_choice():
         assert select_device("auto").type == "cpu"
         with pytest.raises(ModelError, match="cuda"):
             select_device("cuda")
+
+
+def test_default_threshold_per_modality_falls_back_to_the_shared_one():
+    from CMBDetectorLib.models import default_threshold
+
+    manifest = {"inference": {"threshold": 0.85, "modality_thresholds": {"gre": 0.75}}}
+    assert default_threshold("gre", manifest) == 0.75
+    assert default_threshold("swi", manifest) == 0.85
+    assert default_threshold("qsm", {"inference": {"threshold": 0.9}}) == 0.9
+    assert default_threshold("qsm", {}) == 0.5

@@ -206,9 +206,39 @@ def test_operating_point_is_chosen_on_validation_with_min_volume(tiny_run):
     assert op["validation_scans"] >= 1
     chosen = [g for g in op["grid"] if g["threshold"] == op["threshold"]
               and g["min_volume_mm3"] == op["min_volume_mm3"]]
-    assert chosen and chosen[0]["tpr"] == op["validation_tpr_estimate"]
+    assert chosen
     manifest = json.loads((tiny_run[1] / "manifest.json").read_text())
     assert manifest["inference"]["min_volume_mm3"] == op["min_volume_mm3"]
+    # one threshold per modality (the tiny run's default), each taken from the grid
+    assert set(op["modality_thresholds"]) == set(TrainConfig.tiny().modalities)
+    assert manifest["inference"]["modality_thresholds"] == op["modality_thresholds"]
+    assert set(op["modality_thresholds"].values()) <= set(STUDENT_THRESHOLDS)
+
+
+def _row(modality, cmb_probs, fp_probs):
+    n = len(cmb_probs) + len(fp_probs)
+    return {"modality": modality, "pmax": [0.9] * n, "volume_mm3": [10.0] * n,
+            "elongation": [0.0] * n, "voxels": [10] * n, "edge_mm": [10.0] * n,
+            "is_cmb": [True] * len(cmb_probs) + [False] * len(fp_probs),
+            "n_truth": len(cmb_probs)}, list(cmb_probs) + list(fp_probs)
+
+
+def test_per_modality_thresholds_keep_more_cmbs_within_each_budget(tmp_path):
+    from CMBDetectorLib.training import operating_counts, point
+
+    # GRE: a faint CMB (0.6) and no confident false positive; SWI: confident false positives.
+    rows, probs = zip(_row("gre", [0.6, 0.97], [0.3]), _row("swi", [0.85, 0.99], [0.6, 0.7, 0.9]))
+    counts = operating_counts(list(rows), list(probs), cand_t=0.1)
+    grid = [point(c, v, t) for (v, t, m), c in counts.items() if m is None]
+    run = Run(tmp_path, TrainConfig.tiny())
+    one = run._best(grid)
+    assert one["tpr"] == 0.75                 # one threshold must drop GRE's faint CMB
+    op = run._per_modality(counts, grid)
+    assert op["modality_thresholds"]["gre"] <= 0.6 < 0.7 < op["modality_thresholds"]["swi"] <= 0.85
+    assert op["validation_tpr_estimate"] == 1.0
+    assert op["validation_by_modality"]["swi"]["fp_per_scan"] == 1.0
+    assert op["validation_by_modality"]["gre"]["fp_per_scan"] == 0.0
+    assert op["validation_fp_per_scan_estimate"] == 0.5
 
 
 def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path):
@@ -229,6 +259,8 @@ def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path
     assert r["difference_ci"][0] <= r["difference"] <= r["difference_ci"][1]
     assert f"{100 * r['difference']:+.1f} points" in text
     assert "Not for diagnostic use" in text and (docs / "froc.png").exists()
+    op = json.loads((run / "operating_point.json").read_text())
+    assert f"{op['modality_thresholds']['gre']} (GRE)" in text
     assert (docs / "VALIDATION.md").read_text() == text
 
 
@@ -293,11 +325,15 @@ def test_settings_added_later_take_their_legacy_value(tmp_path):
 
     cfg = TrainConfig.tiny()
     assert cfg.n_val_extra == LEGACY_SETTINGS["n_val_extra"] == 0
+    cfg.per_modality_thresholds = False
     Run(tmp_path, cfg)
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["n_val_extra"]  # a folder made before the setting existed
+    del saved["n_val_extra"], saved["per_modality_thresholds"]  # made before they existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
     Run(tmp_path, cfg)  # accepted: the folder was made without extra validation subjects
     cfg.n_val_extra = 2
     with pytest.raises(InputError, match="another configuration"):
         Run(tmp_path, cfg)
+    cfg.n_val_extra, cfg.per_modality_thresholds = 0, True
+    with pytest.raises(InputError, match="another configuration"):
+        Run(tmp_path, cfg)  # it was made with one threshold for all modalities

@@ -458,7 +458,8 @@ def engine_process(path, modality, out_dir, stem, settings, threads=None) -> dic
     models = _cached_models(overrides.get("device", "auto"))
     s = default_settings(models, **overrides)
     volume, result = detect_file(path, modality, settings=s, models=models)
-    lesions = result.lesions(s.threshold)
+    threshold = s.threshold_for(result.modality)
+    lesions = result.lesions(threshold)
     extra, categories, note = None, {}, ""
     if want_location and lesions:
         try:
@@ -476,7 +477,7 @@ def engine_process(path, modality, out_dir, stem, settings, threads=None) -> dic
             note = _one_line(f"location failed: {exc}")
     elif want_location:
         categories = {c: 0 for c in CATEGORY_ORDER}
-    write_outputs(volume, result, out_dir, threshold=s.threshold, name=stem, extra=extra)
+    write_outputs(volume, result, out_dir, threshold=threshold, name=stem, extra=extra)
     return {"cmb_count": len(lesions), "model_version": result.model_version,
             "categories": categories, "note": note}
 

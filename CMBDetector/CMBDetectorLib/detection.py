@@ -55,9 +55,15 @@ class _Progress:
 
 
 def default_settings(models=None, **overrides) -> DetectionSettings:
-    """Settings with the operating point the bundled models were validated at, then overrides."""
+    """Settings with the operating point the bundled models were validated at, then overrides.
+
+    An explicit ``threshold`` applies to every modality (it replaces the models' per-modality
+    thresholds)."""
     base = dict(getattr(models, "settings", None) or {})
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "threshold" in overrides and "modality_thresholds" not in overrides:
+        base.pop("modality_thresholds", None)
+    base.update(overrides)
     return DetectionSettings.from_dict(base) if base else DetectionSettings()
 
 
@@ -115,7 +121,8 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
     prog.finish()
     return DetectionResult(modality=prep.modality, ijk_to_ras=volume.ijk_to_ras.copy(),
                            shape=tuple(volume.array.shape), candidates=candidates,
-                           candidate_labels=cand_input, threshold=settings.threshold,
+                           candidate_labels=cand_input,
+                           threshold=settings.threshold_for(prep.modality),
                            timings=prog.timings, model_version=getattr(models, "version", ""),
                            settings=settings.to_dict(),
                            brain_mask=mask_input.astype(np.uint8))

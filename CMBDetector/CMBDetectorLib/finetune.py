@@ -136,7 +136,7 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
     for c in val:
         t = candidate_table(c, det, base)
         p = score_candidates(stu, np.stack([c.image, c.frst]), t["centres"])
-        keep = p >= base.threshold
+        keep = p >= base.threshold_for(modality)
         tp += int((keep & t["is_cmb"]).sum())
         fp += int((keep & ~t["is_cmb"]).sum())
         n_true += len(c.truth_centres)

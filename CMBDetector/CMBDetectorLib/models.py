@@ -54,6 +54,14 @@ def read_manifest(directory=None) -> dict:
         raise ModelError(f"{path}: manifest is not valid JSON ({exc.msg})") from None
 
 
+def default_threshold(modality: str, manifest: dict) -> float:
+    """The student threshold the models were validated at for ``modality`` (the manifest's
+    per-modality threshold, else its shared one)."""
+    inference = manifest.get("inference", {})
+    per_modality = inference.get("modality_thresholds") or {}
+    return float(per_modality.get(modality, inference.get("threshold", 0.5)))
+
+
 def verify(directory=None) -> dict:
     """Check every weights file against the manifest's sha256; return the manifest."""
     directory = Path(directory or MODELS_DIR)

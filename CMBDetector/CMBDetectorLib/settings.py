@@ -1,8 +1,9 @@
 """Every tunable of detection in one dataclass, with documented defaults and units."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
+from . import MODALITIES
 from .errors import InputError
 
 
@@ -16,6 +17,10 @@ class DetectionSettings:
 
     #: Student probability a kept candidate needs to be reported (the Slicer slider).
     threshold: float = 0.5
+    #: Per-modality student thresholds, e.g. ``{"gre": 0.75}``; a modality not listed uses
+    #: ``threshold``. The bundled operating point sets them (each modality has its own false
+    #: positives: calcifications on GRE, veins on SWI); an explicit threshold overrides them.
+    modality_thresholds: dict = field(default_factory=dict)
     #: Detector probability that makes a voxel part of a candidate (low: the detector is tuned
     #: for sensitivity; the student removes false positives).
     candidate_threshold: float = 0.3
@@ -49,6 +54,12 @@ class DetectionSettings:
     def validate(self) -> "DetectionSettings":
         if not 0.0 <= self.threshold <= 1.0:
             raise InputError(f"threshold must be in [0, 1], got {self.threshold}")
+        for modality, t in self.modality_thresholds.items():
+            if modality not in MODALITIES:
+                raise InputError(f"modality_thresholds: unknown modality {modality!r} "
+                                 f"(expected one of {', '.join(MODALITIES)})")
+            if not 0.0 <= float(t) <= 1.0:
+                raise InputError(f"{modality} threshold must be in [0, 1], got {t}")
         if not 0.0 < self.candidate_threshold < 1.0:
             raise InputError(f"candidate threshold must be in (0, 1), got "
                              f"{self.candidate_threshold}")
@@ -57,6 +68,14 @@ class DetectionSettings:
         if self.min_volume_mm3 > self.max_volume_mm3:
             raise InputError("min_volume_mm3 exceeds max_volume_mm3")
         return self
+
+    def threshold_for(self, modality: str) -> float:
+        """The student threshold that applies to a scan of ``modality``."""
+        return float(self.modality_thresholds.get(modality, self.threshold))
+
+    def with_threshold(self, threshold: float) -> "DetectionSettings":
+        """A copy where ``threshold`` applies to every modality."""
+        return replace(self, threshold=float(threshold), modality_thresholds={}).validate()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,4 +91,7 @@ class DetectionSettings:
         d = dict(d)
         if "frst_radii_mm" in d:
             d["frst_radii_mm"] = tuple(d["frst_radii_mm"])
+        if "modality_thresholds" in d:
+            d["modality_thresholds"] = {str(k): float(v)
+                                        for k, v in dict(d["modality_thresholds"] or {}).items()}
         return cls(**d).validate()

@@ -84,6 +84,9 @@ class TrainConfig:
     lr: float = 1e-3
     target_candidate_tpr: float = 0.98
     max_fp_per_subject: float = 1.0
+    #: One student threshold per modality, each within ``max_fp_per_subject`` on that
+    #: modality's validation scans (False: one threshold for all).
+    per_modality_thresholds: bool = True
     threads: int = 0              # torch threads (0 = all cores)
     checkpoint_every: int = 250
 
@@ -102,7 +105,7 @@ class TrainConfig:
 
 #: Settings added after run folders existed, with the value that reproduces a folder made
 #: before them (which therefore lacks them).
-LEGACY_SETTINGS = {"n_val_extra": 0}
+LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 DATA_MODULES = ("simulation", "anatomy", "preprocessing", "radial_symmetry", "volume")
@@ -607,11 +610,10 @@ class Run:
     def choose_operating_point(self):
         """Candidate threshold for >= target sensitivity, then the student threshold and the
         clean-up's minimum volume that keep the most true CMBs with at most
-        ``max_fp_per_subject`` after clean-up — all on pool B's validation subjects (never the
-        test split)."""
-        from .settings import DetectionSettings
-        from .cleanup import verdicts
-
+        ``max_fp_per_subject`` after clean-up — all on validation subjects (never the test
+        split). With ``per_modality_thresholds`` each modality gets its own student threshold
+        under the same false-positive budget per scan (the shared minimum volume is the one
+        that keeps the most CMBs over all modalities)."""
         rows = self.validation_rows()
         probs = self.score_validation("student", "Student", self.student_config())
         # 1. candidate threshold: the highest that keeps target sensitivity.
@@ -623,36 +625,56 @@ class Run:
             if (tp_pmax > t).sum() / n_truth >= self.cfg.target_candidate_tpr:
                 cand_t = float(round(t, 2))
                 break
-        # 2. student threshold and clean-up minimum volume, jointly: the most true CMBs with at
-        #    most ``max_fp_per_subject`` false positives per validation scan.
-        grid = []
-        for min_vol in MIN_VOLUME_CHOICES_MM3:
-            base = DetectionSettings(candidate_threshold=cand_t, min_volume_mm3=min_vol)
-            for thr in STUDENT_THRESHOLDS:
-                tp = fp = 0
-                for r, p in zip(rows, probs):
-                    pm = np.array(r["pmax"])
-                    keep_c = pm > cand_t
-                    reasons = verdicts(r["volume_mm3"], r["elongation"], r["voxels"],
-                                       r["edge_mm"], base)
-                    kept = keep_c & (p >= thr) & np.array([x == "" for x in reasons], bool)
-                    is_cmb = np.array(r["is_cmb"], bool)
-                    tp += int((kept & is_cmb).sum())
-                    fp += int((kept & ~is_cmb).sum())
-                n_sub = max(1, len(rows))
-                tpr = tp / max(1, sum(r["n_truth"] for r in rows))
-                grid.append({"min_volume_mm3": min_vol, "threshold": float(thr),
-                             "tpr": round(tpr, 4), "fp_per_scan": round(fp / n_sub, 3)})
-        best = max(grid, key=lambda g: (g["fp_per_scan"] <= self.cfg.max_fp_per_subject,
-                                        g["tpr"], -g["fp_per_scan"], -g["min_volume_mm3"]))
+        # 2. student threshold and clean-up minimum volume.
+        counts = operating_counts(rows, probs, cand_t)
+        grid = sorted((point(c, v, thr) for (v, thr, mod), c in counts.items() if mod is None),
+                      key=lambda g: (g["min_volume_mm3"], g["threshold"]))
+        best = self._best(grid)
         op = {"candidate_threshold": cand_t, "threshold": best["threshold"],
               "min_volume_mm3": best["min_volume_mm3"],
               "validation_tpr_estimate": best["tpr"],
               "validation_fp_per_scan_estimate": best["fp_per_scan"],
               "validation_candidate_tpr": round(float((tp_pmax > cand_t).sum() / n_truth), 4),
-              "validation_scans": len(rows), "grid": grid}
+              "validation_scans": len(rows)}
+        if self.cfg.per_modality_thresholds:
+            op.update(self._per_modality(counts, grid))
+        op["grid"] = grid
         self.path("operating_point.json").write_text(json.dumps(op, indent=1))
         return op
+
+    def _best(self, grid: list) -> dict:
+        """The grid point with the most true CMBs within the false-positive budget (then fewer
+        false positives, then the smaller minimum volume)."""
+        return max(grid, key=lambda g: (g["fp_per_scan"] <= self.cfg.max_fp_per_subject,
+                                        g["tpr"], -g["fp_per_scan"], -g["min_volume_mm3"]))
+
+    def _per_modality(self, counts: dict, grid: list) -> dict:
+        """One student threshold per modality, each within the budget on its own scans; the
+        shared ``threshold`` (for a modality without its own) is re-chosen at the minimum
+        volume they settle on."""
+        mods = sorted({mod for (_, _, mod) in counts if mod is not None})
+        best_vol, best_key, chosen = None, None, {}
+        for min_vol in MIN_VOLUME_CHOICES_MM3:
+            picks = {m: self._best([point(c, min_vol, thr) for (v, thr, mm), c in counts.items()
+                                    if mm == m and v == min_vol])
+                     for m in mods}
+            tp = sum(counts[(min_vol, p["threshold"], m)]["tp"] for m, p in picks.items())
+            fp = sum(counts[(min_vol, p["threshold"], m)]["fp"] for m, p in picks.items())
+            within = all(p["fp_per_scan"] <= self.cfg.max_fp_per_subject for p in picks.values())
+            key = (within, tp, -fp, -min_vol)
+            if best_key is None or key > best_key:
+                best_vol, best_key, chosen = min_vol, key, picks
+        tot = {k: sum(counts[(best_vol, p["threshold"], m)][k] for m, p in chosen.items())
+               for k in ("tp", "fp", "n_truth", "scans")}
+        out = {"modality_thresholds": {m: p["threshold"] for m, p in chosen.items()},
+               "validation_by_modality": {m: {"tpr": p["tpr"], "fp_per_scan": p["fp_per_scan"]}
+                                          for m, p in chosen.items()}}
+        out["min_volume_mm3"] = best_vol
+        out["threshold"] = self._best([g for g in grid
+                                       if g["min_volume_mm3"] == best_vol])["threshold"]
+        out["validation_tpr_estimate"] = round(tot["tp"] / max(1, tot["n_truth"]), 4)
+        out["validation_fp_per_scan_estimate"] = round(tot["fp"] / max(1, tot["scans"]), 3)
+        return out
 
     def export(self, models_dir: Path, extra: dict | None = None) -> Path:
         """Copy detector + student weights into ``models_dir`` with a manifest."""
@@ -682,7 +704,8 @@ class Run:
             "teacher": {"architecture": "Teacher", "config": self.teacher_config(),
                         "parameters": teacher_params, "shipped": False},
             "inference": {**{k: op[k] for k in ("candidate_threshold", "threshold",
-                                                "min_volume_mm3") if k in op},
+                                                "modality_thresholds", "min_volume_mm3")
+                             if k in op},
                           "mirrored_scoring": True},  # as score_validation chose it
             "training": {"command": "cmbdetector train --run-dir runs/main --export",
                          "config": asdict(self.cfg),
@@ -877,6 +900,42 @@ MIN_VOLUME_CHOICES_MM3 = (1.0, 2.0, 3.0, 4.0, 5.0)
 #: confident student's false positives thin out fastest (0.90 -> 0.95 once halved them).
 STUDENT_THRESHOLDS = tuple(sorted(set(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist())
                                   | {0.91, 0.92, 0.93, 0.94, 0.96, 0.97, 0.98, 0.99}))
+
+def operating_counts(rows: list, probs: list, cand_t: float) -> dict:
+    """True and false positives after clean-up on validation candidate rows, for every
+    (minimum volume, student threshold) of the search grid, keyed ``(min_vol, thr, modality)``
+    with modality None for all scans; each value holds ``tp``, ``fp``, ``n_truth`` and
+    ``scans``."""
+    from .cleanup import verdicts
+    from .settings import DetectionSettings
+
+    counts = {}
+    for min_vol in MIN_VOLUME_CHOICES_MM3:
+        base = DetectionSettings(candidate_threshold=cand_t, min_volume_mm3=min_vol)
+        for r, p in zip(rows, probs):
+            reasons = verdicts(r["volume_mm3"], r["elongation"], r["voxels"], r["edge_mm"],
+                               base)
+            ok = (np.array(r["pmax"]) > cand_t) & np.array([x == "" for x in reasons], bool)
+            is_cmb = np.array(r["is_cmb"], bool)
+            p = np.asarray(p)
+            for thr in STUDENT_THRESHOLDS:
+                kept = ok & (p >= thr)
+                for mod in (None, r["modality"]):
+                    c = counts.setdefault((min_vol, thr, mod),
+                                          {"tp": 0, "fp": 0, "n_truth": 0, "scans": 0})
+                    c["tp"] += int((kept & is_cmb).sum())
+                    c["fp"] += int((kept & ~is_cmb).sum())
+                    c["n_truth"] += int(r["n_truth"])
+                    c["scans"] += 1
+    return counts
+
+
+def point(c: dict, min_vol: float, thr: float) -> dict:
+    """One grid point of the operating-point search, from its counts."""
+    return {"min_volume_mm3": min_vol, "threshold": float(thr),
+            "tpr": round(c["tp"] / max(1, c["n_truth"]), 4),
+            "fp_per_scan": round(c["fp"] / max(1, c["scans"]), 3)}
+
 
 PHASES = ("data", "detector", "candidates", "teacher", "student", "export", "evaluate")
 

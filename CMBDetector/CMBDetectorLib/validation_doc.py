@@ -15,6 +15,17 @@ CLASSIFIERS = (("student", "distilled student (shipped)"),
                ("teacher", "teacher"))
 
 
+def _student_thresholds(op: dict) -> str:
+    """``0.85`` or, with one per modality, ``0.75 (GRE), 0.9 (SWI), 0.85 (QSM)``; each
+    modality's was chosen within the false-positive budget on its own validation scans."""
+    per = op.get("modality_thresholds") or {}
+    if not per:
+        return f"{op['threshold']}"
+    return ", ".join(f"{t} ({m.upper()})" for m, t in sorted(per.items())) + \
+        " (one per modality, each chosen within the false-positive budget on that " \
+        "modality's validation scans)"
+
+
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f} %"
 
@@ -90,7 +101,8 @@ def build(run_dir, docs_dir) -> str:
          "- Each test scan went through the shipped `detect()` (same code as "
          "`cmbdetector detect`) with the bundled weights at their operating point "
          f"(candidate threshold {op['candidate_threshold']}, student threshold "
-         f"{op['threshold']}, clean-up minimum volume {op.get('min_volume_mm3', 2.0)} mm³"
+         f"{_student_thresholds(op)}, clean-up minimum volume "
+         f"{op.get('min_volume_mm3', 2.0)} mm³"
          + ("; each classifier's probability is the mean over the patch's eight mirror images"
             if manifest.get("inference", {}).get("mirrored_scoring") else "")
          + "), and was scored by `cmbdetector evaluate`.",
