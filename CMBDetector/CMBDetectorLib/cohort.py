@@ -876,7 +876,9 @@ def configure_parser(parser) -> None:
                         help="torch threads per worker (default: cores/workers; set this with "
                              "--scheduler to match your workers' cores)")
     parser.add_argument("--threshold", type=float, metavar="P",
-                        help="student confidence a reported CMB needs (default 0.5)")
+                        help="student confidence a reported CMB needs, for every modality "
+                             "(default: the bundled models' validated threshold for each "
+                             "scan's modality)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-location", action="store_true",
                         help="skip MNI registration and the lobar/deep/infratentorial counts")

@@ -20,7 +20,8 @@ def configure_parser(p) -> None:
     p.add_argument("--output-dir", required=True, type=Path, help="where outputs are written")
     p.add_argument("--mask", type=Path, help="brain mask on the scan's grid (one scan only)")
     p.add_argument("--threshold", type=float, help="student confidence threshold "
-                   "(default: the bundled models' validated operating point)")
+                   "for every modality (default: the bundled models' validated "
+                   "threshold for the scan's modality)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--models", type=Path, help="weights folder (default: bundled)")
     p.add_argument("--truth", type=Path, help="ground-truth JSON (simulator format): print how "
