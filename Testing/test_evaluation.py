@@ -223,3 +223,15 @@ def test_compare_classifiers_refuses_scans_the_other_classifier_lacks():
     a = [SimpleNamespace(name="sub-1_swi"), SimpleNamespace(name="sub-2_swi")]
     with pytest.raises(InputError, match="sub-2_swi"):
         compare_classifiers(a, a[:1])
+
+
+def test_classifier_comparison_needs_no_label_maps(dataset):
+    cases, _ = E.load_cases(dataset["pred"], dataset["truth"])
+    light = [E.without_label_maps(c) for c in cases]
+    assert all(c.pred_labels is None and c.truth_labels is None for c in light)
+    assert cases[0].pred_labels is not None  # the originals keep theirs
+    full = E.compare_classifiers(cases, cases, n_boot=50)
+    assert E.compare_classifiers(light, light, n_boot=50) == full
+    no_json = E.EvalCase("x", truth=None, truth_labels=cases[0].truth_labels)
+    with pytest.raises(E.InputError, match="label map is the truth"):
+        E.without_label_maps(no_json)

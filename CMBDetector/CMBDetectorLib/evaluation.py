@@ -21,7 +21,7 @@ import csv
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +160,16 @@ def _cand_arrays(case: EvalCase):
     conf = np.array([float(x.get("confidence", 1.0)) for x in c], float)
     kept = np.array([bool(x.get("kept", True)) for x in c], bool)
     return pts, conf, kept
+
+
+def without_label_maps(case: EvalCase) -> EvalCase:
+    """The case with its label maps dropped: candidate-level scoring (stages, FROC,
+    :func:`compare_classifiers`) needs only the candidates and the truth JSON, and a test split
+    of native-resolution label maps held for several classifiers at once fills the RAM (180
+    scans x 3 classifiers took 21 GB)."""
+    if case.truth is None:
+        raise InputError(f"{case.name}: without a truth JSON the label map is the truth")
+    return replace(case, truth_labels=None, pred_labels=None, mimic_labels=None)
 
 
 def compare_classifiers(cases_a: list, cases_b: list,

@@ -744,7 +744,8 @@ class Run:
         import copy
 
         from .detection import default_settings, detect
-        from .evaluation import compare_classifiers, evaluate_subjects, load_cases, write_report
+        from .evaluation import (compare_classifiers, evaluate_subjects, load_cases,
+                                 without_label_maps, write_report)
         from .inference import MIRRORS
         from .models import load_bundle
         from .outputs import write_outputs
@@ -783,8 +784,9 @@ class Run:
         report, loaded = {}, {}
         for key, pred in variants.items():
             cases, _ = load_cases(pred, self.test_dir())
-            loaded[key] = cases
             result = evaluate_subjects(cases)
+            loaded[key] = [without_label_maps(c) for c in cases]  # one set of maps in RAM
+            del cases
             result["classifier"] = key
             write_report(result, out_dir / key, plot=True)
             report[key] = result
