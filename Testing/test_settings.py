@@ -16,13 +16,6 @@ def test_modality_thresholds_round_trip_and_fall_back():
             back.threshold_for("swi")) == (0.75, 0.9, 0.6)
 
 
-def test_with_threshold_applies_to_every_modality():
-    s = DetectionSettings(threshold=0.6, modality_thresholds={"gre": 0.75})
-    t = s.with_threshold(0.2)
-    assert [t.threshold_for(m) for m in ("gre", "swi", "qsm")] == [0.2, 0.2, 0.2]
-    assert s.threshold_for("gre") == 0.75  # the original is unchanged
-
-
 @pytest.mark.parametrize("bad, match", [({"t1": 0.5}, "unknown modality 't1'"),
                                         ({"gre": 1.5}, "gre threshold must be in")])
 def test_bad_modality_thresholds_are_refused(bad, match):

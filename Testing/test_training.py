@@ -224,12 +224,12 @@ def _row(modality, cmb_probs, fp_probs):
 
 
 def test_per_modality_thresholds_keep_more_cmbs_within_each_budget(tmp_path):
-    from CMBDetectorLib.training import operating_counts, point
+    from CMBDetectorLib.training import grid_point, operating_counts
 
     # GRE: a faint CMB (0.6) and no confident false positive; SWI: confident false positives.
     rows, probs = zip(_row("gre", [0.6, 0.97], [0.3]), _row("swi", [0.85, 0.99], [0.6, 0.7, 0.9]))
     counts = operating_counts(list(rows), list(probs), cand_t=0.1)
-    grid = [point(c, v, t) for (v, t, m), c in counts.items() if m is None]
+    grid = [grid_point(c, v, t) for (v, t, m), c in counts.items() if m is None]
     run = Run(tmp_path, TrainConfig.tiny())
     one = run._best(grid)
     assert one["tpr"] == 0.75                 # one threshold must drop GRE's faint CMB

@@ -1,7 +1,7 @@
 """Every tunable of detection in one dataclass, with documented defaults and units."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 from . import MODALITIES
 from .errors import InputError
@@ -72,10 +72,6 @@ class DetectionSettings:
     def threshold_for(self, modality: str) -> float:
         """The student threshold that applies to a scan of ``modality``."""
         return float(self.modality_thresholds.get(modality, self.threshold))
-
-    def with_threshold(self, threshold: float) -> "DetectionSettings":
-        """A copy where ``threshold`` applies to every modality."""
-        return replace(self, threshold=float(threshold), modality_thresholds={}).validate()
 
     def to_dict(self) -> dict:
         d = asdict(self)

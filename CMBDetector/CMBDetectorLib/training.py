@@ -627,8 +627,8 @@ class Run:
                 break
         # 2. student threshold and clean-up minimum volume.
         counts = operating_counts(rows, probs, cand_t)
-        grid = sorted((point(c, v, thr) for (v, thr, mod), c in counts.items() if mod is None),
-                      key=lambda g: (g["min_volume_mm3"], g["threshold"]))
+        grid = sorted((grid_point(c, v, thr) for (v, thr, mod), c in counts.items()
+                       if mod is None), key=lambda g: (g["min_volume_mm3"], g["threshold"]))
         best = self._best(grid)
         op = {"candidate_threshold": cand_t, "threshold": best["threshold"],
               "min_volume_mm3": best["min_volume_mm3"],
@@ -655,7 +655,7 @@ class Run:
         mods = sorted({mod for (_, _, mod) in counts if mod is not None})
         best_vol, best_key, chosen = None, None, {}
         for min_vol in MIN_VOLUME_CHOICES_MM3:
-            picks = {m: self._best([point(c, min_vol, thr) for (v, thr, mm), c in counts.items()
+            picks = {m: self._best([grid_point(c, v, thr) for (v, thr, mm), c in counts.items()
                                     if mm == m and v == min_vol])
                      for m in mods}
             tp = sum(counts[(min_vol, p["threshold"], m)]["tp"] for m, p in picks.items())
@@ -903,6 +903,7 @@ MIN_VOLUME_CHOICES_MM3 = (1.0, 2.0, 3.0, 4.0, 5.0)
 STUDENT_THRESHOLDS = tuple(sorted(set(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist())
                                   | {0.91, 0.92, 0.93, 0.94, 0.96, 0.97, 0.98, 0.99}))
 
+
 def operating_counts(rows: list, probs: list, cand_t: float) -> dict:
     """True and false positives after clean-up on validation candidate rows, for every
     (minimum volume, student threshold) of the search grid, keyed ``(min_vol, thr, modality)``
@@ -932,7 +933,7 @@ def operating_counts(rows: list, probs: list, cand_t: float) -> dict:
     return counts
 
 
-def point(c: dict, min_vol: float, thr: float) -> dict:
+def grid_point(c: dict, min_vol: float, thr: float) -> dict:
     """One grid point of the operating-point search, from its counts."""
     return {"min_volume_mm3": min_vol, "threshold": float(thr),
             "tpr": round(c["tp"] / max(1, c["n_truth"]), 4),
