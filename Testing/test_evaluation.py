@@ -166,7 +166,7 @@ def test_pairing_rule():
 
 
 def test_manifest_lesion_csv_and_missing(dataset):
-    pred, truth = dataset["pred"], dataset["truth"]
+    truth = dataset["truth"]
     other = dataset["tmp"] / "pred2"
     other.mkdir()
     # point-only prediction: lesion CSV (no JSON, no label map), modality from the manifest
@@ -235,3 +235,30 @@ def test_classifier_comparison_needs_no_label_maps(dataset):
     no_json = E.EvalCase("x", truth=None, truth_labels=cases[0].truth_labels)
     with pytest.raises(E.InputError, match="label map is the truth"):
         E.without_label_maps(no_json)
+
+
+def test_rating_criterion_scores_small_visible_lesions_apart():
+    # CMB 1: a 3x3x3 footprint (40.5 mm^3, visible diameter 4.3 mm), missed;
+    # CMB 2: one voxel (1.5 mm^3, visible 1.4 mm), found; plus one FP far from both.
+    lab = np.zeros(SHAPE, np.uint16)
+    cube(lab, CMB2, 1, 1)
+    cube(lab, CMB1, 0, 2)
+    truth = {"cmbs": [{"id": 1, "centre_ras": ras(*CMB2), "radius_mm": 2.0, "category": "deep"},
+                      {"id": 2, "centre_ras": ras(*CMB1), "radius_mm": 0.6,
+                       "category": "lobar"}], "mimics": []}
+    result = make_result([(CMB1, 0.9, True), (STRAY, 0.9, True)])
+    case = E.case_from_result("s_swi", result, truth, GRID.with_array(lab))
+    o = E.evaluate_subjects([case])["overall"]
+    assert (o["cluster"]["tp"], o["cluster"]["fn"], o["cluster"]["fp"]) == (1, 1, 1)
+    r = o["cluster_rated"]
+    # the small CMB is neither a miss nor, found, a false positive; the FP stays
+    assert (r["n_ref"], r["tp"], r["fn"], r["fp"], r["n_pred"]) == (1, 0, 1, 1, 1)
+    assert r["below_criterion"] == 1 and r["min_visible_diameter_mm"] == 2.0
+    assert o["cluster_by_visible_size"]["<1.5 mm"] == {"n_ref": 1, "detected": 1, "tpr": 1.0}
+    assert o["cluster_by_visible_size"]["3-5 mm"]["detected"] == 0
+    assert o["stages_rated"]["candidates"] == {"n_ref": 1, "detected": 0, "tpr": 0.0}
+    assert "visible >= 2 mm (1 smaller left out)" in E.format_report(
+        E.evaluate_subjects([case]))
+    # criterion 0: every reference is rated, the same as the full count
+    r0 = E.evaluate_subjects([case], rated_diameter_mm=0.0)["overall"]["cluster_rated"]
+    assert (r0["n_ref"], r0["tp"], r0["fp"], r0["n_pred"]) == (2, 1, 1, 2)

@@ -262,6 +262,10 @@ def test_validation_doc_reads_its_numbers_from_the_evaluation(tiny_run, tmp_path
     op = json.loads((run / "operating_point.json").read_text())
     assert f"{op['modality_thresholds']['gre']} (GRE)" in text
     assert (docs / "VALIDATION.md").read_text() == text
+    rated = ev["overall"]["cluster_rated"]
+    row = next(ln for ln in text.splitlines() if ln.startswith("| all | ") and "smaller" in ln)
+    assert row.startswith(f"| all | {rated['n_ref']} ({rated['below_criterion']} smaller) |")
+    assert rated["n_ref"] + rated["below_criterion"] == ev["overall"]["truth_cmbs"]
 
 
 def test_score_tap_records_other_classifiers_as_the_engine_scores_them():

@@ -21,7 +21,7 @@ import csv
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,24 +88,37 @@ def case_from_result(name: str, result, truth: dict | None = None, truth_labels=
 # --------------------------------------------------------------------------------------------
 # per-case scoring
 # --------------------------------------------------------------------------------------------
+def _voxel_mm3(volume) -> float:
+    return float(abs(np.linalg.det(np.asarray(volume.ijk_to_ras, float)[:3, :3])))
+
+
 def _truth_refs(case: EvalCase) -> dict:
-    """Reference lesions: centres (RAS), true diameters, categories and label values."""
+    """Reference lesions: centres (RAS), true and visible diameters, categories, label values.
+
+    The visible diameter is the equivalent sphere of the lesion's footprint in the truth label
+    map (NaN without one). With a label map only, the true diameter is that visible one.
+    """
     cmbs = (case.truth or {}).get("cmbs")
     if cmbs is not None:
         pts = np.array([c["centre_ras"] for c in cmbs], float).reshape(-1, 3)
         diam = np.array([2.0 * float(c.get("radius_mm", math.nan)) for c in cmbs], float)
         cat = [str(c.get("category", "unknown")) for c in cmbs]
         ids = [int(c.get("id", n + 1)) for n, c in enumerate(cmbs)]
-        return {"ras": pts, "diameter_mm": diam, "category": cat, "id": ids, "source": "json"}
+        labels = [int(c.get("label", i)) for c, i in zip(cmbs, ids)]
+        visible = np.full(len(ids), math.nan)
+        if case.truth_labels is not None:
+            visible = M.equivalent_diameters(case.truth_labels.array, labels,
+                                             _voxel_mm3(case.truth_labels))
+        return {"ras": pts, "diameter_mm": diam, "category": cat, "id": ids, "label": labels,
+                "visible_diameter_mm": visible, "source": "json"}
     if case.truth_labels is not None:
         arr = np.asarray(case.truth_labels.array)
         lab, n, values = M._elements(arr, 26, True)
         pts = M.centroids_ras(lab, n, case.truth_labels.ijk_to_ras)
-        vox = float(abs(np.linalg.det(np.asarray(case.truth_labels.ijk_to_ras)[:3, :3])))
-        counts = np.bincount(lab.ravel(), minlength=n + 1)[1:] * vox
-        diam = (6.0 * counts / math.pi) ** (1.0 / 3.0)
-        return {"ras": pts, "diameter_mm": diam, "category": ["unknown"] * n,
-                "id": [int(v) for v in values], "source": "labels"}
+        diam = M.equivalent_diameters(arr, values, _voxel_mm3(case.truth_labels))
+        ids = [int(v) for v in values]
+        return {"ras": pts, "diameter_mm": diam, "category": ["unknown"] * n, "id": ids,
+                "label": ids, "visible_diameter_mm": diam, "source": "labels"}
     raise InputError(f"{case.name}: no ground truth (neither truth JSON nor label map)")
 
 
@@ -191,10 +204,36 @@ def compare_classifiers(cases_a: list, cases_b: list,
                                    [c.truth_name for c in cases_a], distance_mm, **kw)
 
 
+def _rated_counts(ref, pred_labels, n_pred: int, refs: dict, hits, rated) -> M.ClusterCounts:
+    """Cluster counts under the rating criterion: only ``rated`` references are lesions to find.
+
+    A smaller simulated CMB is neither a miss nor, when found, a false positive: a predicted
+    component touching only such lesions is left out of the prediction count. False
+    positives (components touching no reference voxel) are the same as in the full count.
+    """
+    rl, nr, rvals = M._elements(ref, 26, True)
+    touch = M.overlap_matrix(rl, nr, pred_labels, n_pred) > 0
+    below = {lab for lab, r in zip(refs["label"], rated) if not r}
+    rated_rows = np.array([int(v) not in below for v in rvals], bool)
+    touch_any = touch.any(axis=0) if nr else np.zeros(n_pred, bool)
+    touch_rated = touch[rated_rows].any(axis=0) if rated_rows.any() else np.zeros(n_pred, bool)
+    neutral = int((touch_any & ~touch_rated).sum())
+    h = np.asarray(hits, bool)[rated]
+    n_ref, tp = int(rated.sum()), int(h.sum())
+    return M.ClusterCounts(n_ref, n_pred - neutral, tp, n_ref - tp, int(touch_rated.sum()),
+                           int((~touch_any).sum()), h.tolist(),
+                           [lab for lab, r in zip(refs["label"], rated) if r])
+
+
 def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
                connectivity: int = 26, valdo_connectivity: int | None = None,
-               point_rule: str = "any", mimic_distance_mm: float = 3.0) -> dict:
-    """All per-case numbers (JSON-ready) plus private arrays for pooling (keys starting ``_``)."""
+               point_rule: str = "any", mimic_distance_mm: float = 3.0,
+               rated_diameter_mm: float = M.DEFAULT_RATED_DIAMETER_MM) -> dict:
+    """All per-case numbers (JSON-ready) plus private arrays for pooling (keys starting ``_``).
+
+    References whose visible diameter is below ``rated_diameter_mm`` are also scored apart
+    (see :func:`_rated_counts`); every other number counts all references.
+    """
     vc = connectivity if valdo_connectivity is None else valdo_connectivity
     refs = _truth_refs(case)
     out: dict = {"name": case.name, "truth": case.truth_name, "modality": case.modality,
@@ -202,6 +241,11 @@ def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
                  "notes": []}
     mimic_ras, mimic_types = _mimic_points(case)
     out["_refs"] = refs
+    vis = np.asarray(refs["visible_diameter_mm"], float)
+    out["_visible_bin"] = [M.size_bin(d, M.VISIBLE_SIZE_BINS_MM) if np.isfinite(d) else "unknown"
+                           for d in vis]
+    out["_rated"] = [("rated" if d >= rated_diameter_mm else "below criterion")
+                     if np.isfinite(d) else "unknown" for d in vis]
 
     # --- label-map families -------------------------------------------------------------
     fp_points_cluster = None
@@ -222,9 +266,13 @@ def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
         out["valdo"]["source"] = "label maps"
         out["_cluster"], out["_cluster_one"], out["_valdo"] = any_, one, val
         detected = dict(zip(per_cmb.ref_values, per_cmb.ref_detected))
-        out["_cluster_hit_by_ref"] = [bool(detected.get(i, False)) for i in refs["id"]]
-        # centroids of FP clusters (for mimic attribution)
+        out["_cluster_hit_by_ref"] = [bool(detected.get(i, False)) for i in refs["label"]]
         pl, npred = M.label_components(pred, connectivity)
+        rated = _rated_counts(ref, pl, npred, refs, out["_cluster_hit_by_ref"],
+                              np.array([r == "rated" for r in out["_rated"]], bool))
+        out["_cluster_rated"] = rated
+        out["cluster_rated"] = rated.as_dict()
+        # centroids of FP clusters (for mimic attribution)
         cents = M.centroids_ras(pl, npred, m)
         ov = M.overlap_matrix(*M._elements(ref, connectivity, False)[:2], pl, npred)
         fp_points_cluster = cents[~(ov > 0).any(axis=0)] if npred else np.zeros((0, 3))
@@ -305,7 +353,8 @@ def _strata(scored: list, key: str, values_of, hits_of) -> dict:
     return out
 
 
-def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc: bool) -> dict:
+def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc: bool,
+          rated_diameter_mm: float = M.DEFAULT_RATED_DIAMETER_MM) -> dict:
     res: dict = {"scans": len(scored),
                  "cmb_positive_scans": sum(1 for s in scored if s["n_truth"]),
                  "truth_cmbs": sum(s["n_truth"] for s in scored)}
@@ -315,6 +364,12 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
         res["cluster"].update(M.bootstrap_cluster_ci([s["_cluster"] for s in with_maps],
                                                      [s["truth"] for s in with_maps]))
         res["cluster_one_to_one"] = M.pool_cluster([s["_cluster_one"] for s in with_maps])
+        res["cluster_rated"] = M.pool_cluster([s["_cluster_rated"] for s in with_maps])
+        res["cluster_rated"].update(M.bootstrap_cluster_ci(
+            [s["_cluster_rated"] for s in with_maps], [s["truth"] for s in with_maps]))
+        res["cluster_rated"]["min_visible_diameter_mm"] = float(rated_diameter_mm)
+        res["cluster_rated"]["below_criterion"] = sum(
+            r == "below criterion" for s in with_maps for r in s["_rated"])
         res["cluster_fp_types"] = {}
         for s in with_maps:
             _add_counts(res["cluster_fp_types"], s.get("cluster_fp_types", {}))
@@ -325,8 +380,13 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
     sizes = lambda s: [M.size_bin(d, size_edges) if np.isfinite(d) else "unknown"  # noqa: E731
                        for d in s["_refs"]["diameter_mm"]]
     cats = lambda s: s["_refs"]["category"]  # noqa: E731
+    vbins = M.size_bin_labels(M.VISIBLE_SIZE_BINS_MM)
+    visible = lambda s: s["_visible_bin"]  # noqa: E731
+    rated = lambda s: s["_rated"]  # noqa: E731
     res["stages"] = {}
     res["stages_by_size"] = {}
+    res["stages_by_visible_size"] = {}
+    res["stages_rated"] = {}
     res["stages_by_category"] = {}
     for stage in M.STAGES:
         have = [s for s in scored if stage in s["_stage_match"]]
@@ -337,10 +397,17 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
                                     if st in s["_stage_match"] else None)
         by = _strata(have, "size", sizes, hits)
         res["stages_by_size"][stage] = {b: by[b] for b in bins + ["unknown"] if b in by}
+        by = _strata(have, "visible", visible, hits)
+        res["stages_by_visible_size"][stage] = {b: by[b] for b in vbins + ["unknown"] if b in by}
+        by = _strata(have, "rated", rated, hits)
+        if "rated" in by:
+            res["stages_rated"][stage] = by["rated"]
         res["stages_by_category"][stage] = _strata(have, "category", cats, hits)
     if with_maps:
         by = _strata(with_maps, "size", sizes, lambda s: s["_cluster_hit_by_ref"])
         res["cluster_by_size"] = {b: by[b] for b in bins + ["unknown"] if b in by}
+        by = _strata(with_maps, "visible", visible, lambda s: s["_cluster_hit_by_ref"])
+        res["cluster_by_visible_size"] = {b: by[b] for b in vbins + ["unknown"] if b in by}
         res["cluster_by_category"] = _strata(with_maps, "category", cats,
                                              lambda s: s["_cluster_hit_by_ref"])
     res["fp_types"] = {}
@@ -358,7 +425,8 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
 def evaluate_subjects(cases, distance_mm: float = M.DEFAULT_DISTANCE_MM, connectivity: int = 26,
                       valdo_connectivity: int | None = None, point_rule: str = "any",
                       size_edges_mm=M.DEFAULT_SIZE_BINS_MM, mimic_distance_mm: float = 3.0,
-                      froc: bool = True, progress=None) -> dict:
+                      froc: bool = True, progress=None,
+                      rated_diameter_mm: float = M.DEFAULT_RATED_DIAMETER_MM) -> dict:
     """Score a list of :class:`EvalCase` (in memory) and pool overall and per modality.
 
     Parameters
@@ -373,6 +441,10 @@ def evaluate_subjects(cases, distance_mm: float = M.DEFAULT_DISTANCE_MM, connect
         Matching of candidate centroids for stages/FROC; ``any`` is the point analogue of the
         paper's cluster rule (see :func:`metrics.match_points`).
     progress : callable(done, total, name), optional
+    rated_diameter_mm : float
+        Rating criterion: ``cluster_rated`` and ``stages_rated`` count only references whose
+        visible diameter (footprint in the truth label map) is at least this; raters mark foci
+        of roughly 2-10 mm (Greenberg 2009). 0 counts every reference.
 
     Returns
     -------
@@ -386,22 +458,26 @@ def evaluate_subjects(cases, distance_mm: float = M.DEFAULT_DISTANCE_MM, connect
     scored = []
     for n, c in enumerate(cases, 1):
         scored.append(score_case(c, distance_mm, connectivity, valdo_connectivity, point_rule,
-                                 mimic_distance_mm))
+                                 mimic_distance_mm, rated_diameter_mm))
         if progress:
             progress(n, len(cases), c.name)
     settings = {"distance_mm": float(distance_mm), "connectivity": int(connectivity),
                 "valdo_connectivity": int(valdo_connectivity or connectivity),
                 "point_rule": point_rule, "size_bins_mm": [float(x) for x in size_edges_mm],
                 "mimic_distance_mm": float(mimic_distance_mm),
+                "visible_size_bins_mm": [float(x) for x in M.VISIBLE_SIZE_BINS_MM],
+                "rated_diameter_mm": float(rated_diameter_mm),
                 "cluster_rule": "any-overlap (reference detected if >=1 predicted voxel "
                                 "overlaps it; prediction FP if it overlaps no reference voxel)",
                 "version": __version__}
     result = {"settings": settings,
-              "overall": _pool(scored, distance_mm, point_rule, size_edges_mm, froc),
+              "overall": _pool(scored, distance_mm, point_rule, size_edges_mm, froc,
+                               rated_diameter_mm),
               "by_modality": {}}
     for mod in sorted({s["modality"] for s in scored}):
         group = [s for s in scored if s["modality"] == mod]
-        result["by_modality"][mod] = _pool(group, distance_mm, point_rule, size_edges_mm, froc)
+        result["by_modality"][mod] = _pool(group, distance_mm, point_rule, size_edges_mm, froc,
+                                           rated_diameter_mm)
     result["cases"] = [{k: v for k, v in s.items() if not k.startswith("_")} for s in scored]
     return result
 
@@ -421,7 +497,13 @@ def _group_table(name: str, g: dict) -> list:
     if "cluster" in g:
         lines += ["Cluster-wise (label maps, overlap >= 1 voxel):", "",
                   "| rule | TPR | precision | FP/scan | TP | FN | FP |", "|---|---|---|---|---|---|---|"]
-        for key, lab in (("cluster", "any overlap (paper)"), ("cluster_one_to_one", "one-to-one")):
+        rows = [("cluster", "any overlap (paper)"), ("cluster_one_to_one", "one-to-one")]
+        if "cluster_rated" in g:
+            r = g["cluster_rated"]
+            rows.append(("cluster_rated", f"any overlap, visible >= "
+                                          f"{r['min_visible_diameter_mm']:g} mm "
+                                          f"({r['below_criterion']} smaller left out)"))
+        for key, lab in rows:
             c = g[key]
             lines.append(f"| {lab} | {_f(c['tpr'], True)} | {_f(c['precision'], True)} | "
                          f"{_f(c['fp_per_subject'])} | {c['tp']} | {c['fn']} | {c['fp']} |")
@@ -433,6 +515,11 @@ def _group_table(name: str, g: dict) -> list:
                       f"draws): TPR {_f(c['tpr_ci'][0], True)} to {_f(c['tpr_ci'][1], True)}, "
                       f"FP/scan {_f(c['fp_per_subject_ci'][0])} to "
                       f"{_f(c['fp_per_subject_ci'][1])}", ""]
+        r = g.get("cluster_rated", {})
+        if r.get("tpr_ci"):
+            lines += [f"Visible >= {r['min_visible_diameter_mm']:g} mm (the rating criterion: "
+                      f"raters mark foci of about 2-10 mm): TPR {_f(r['tpr_ci'][0], True)} to "
+                      f"{_f(r['tpr_ci'][1], True)}", ""]
     v = g["valdo"]
     lines += [f"VALDO centroid matching ({', '.join(v['sources'])}): median F1 "
               f"{_f(v['f1_median'])} (IQR {_f(v['f1_q1'])}-{_f(v['f1_q3'])}, "
@@ -458,6 +545,21 @@ def _group_table(name: str, g: dict) -> list:
             for st, d in rows:
                 cells = [f"{_f(d[b]['tpr'], True)} ({d[b]['detected']}/{d[b]['n_ref']})"
                          if b in d else "-" for b in bins]
+                lines.append(f"| {st} | " + " | ".join(cells) + " |")
+            lines.append("")
+        vb = []
+        for st in g.get("stages_by_visible_size", {}).values():
+            vb += [b for b in M.size_bin_labels(M.VISIBLE_SIZE_BINS_MM) + ["unknown"]
+                   if b in st and b not in vb]
+        if vb and vb != ["unknown"]:
+            lines += ["TPR by visible diameter (footprint in the truth label map):", "",
+                      "| stage | " + " | ".join(vb) + " |", "|---" * (len(vb) + 1) + "|"]
+            rows = list(g["stages_by_visible_size"].items())
+            if "cluster_by_visible_size" in g:
+                rows.append(("cluster (label maps)", g["cluster_by_visible_size"]))
+            for st, d in rows:
+                cells = [f"{_f(d[b]['tpr'], True)} ({d[b]['detected']}/{d[b]['n_ref']})"
+                         if b in d else "-" for b in vb]
                 lines.append(f"| {st} | " + " | ".join(cells) + " |")
             lines.append("")
         cats = sorted({c for d in g["stages_by_category"].values() for c in d})
@@ -678,6 +780,10 @@ def configure_parser(parser) -> None:
                         help="confidence threshold (default: the one written with each result)")
     parser.add_argument("--size-bins", default="3,5",
                         help="true-diameter bin edges in mm (default 3,5)")
+    parser.add_argument("--rated-diameter-mm", type=float,
+                        default=M.DEFAULT_RATED_DIAMETER_MM,
+                        help="also score only CMBs whose visible footprint is at least this "
+                             "diameter (default 2, the raters' lower bound; 0 = all)")
     parser.add_argument("--mimic-distance-mm", type=float, default=3.0,
                         help="a false positive is attributed to a mimic this close (default 3)")
     parser.add_argument("--no-label-maps", action="store_true",
@@ -741,6 +847,8 @@ def run_command(args) -> int:
         raise InputError("--size-bins: give increasing edges in mm, e.g. 3,5")
     if args.distance_mm <= 0:
         raise InputError("--distance-mm must be positive")
+    if args.rated_diameter_mm < 0:
+        raise InputError("--rated-diameter-mm must not be negative")
     quiet = args.quiet
     warn = (lambda msg: None) if quiet else (
         lambda msg: print(f"cmbdetector evaluate: {msg}", file=sys.stderr))
@@ -754,7 +862,7 @@ def run_command(args) -> int:
 
     result = evaluate_subjects(cases, args.distance_mm, args.connectivity,
                                args.valdo_connectivity, args.point_rule, edges,
-                               args.mimic_distance_mm, True, progress)
+                               args.mimic_distance_mm, True, progress, args.rated_diameter_mm)
     result.update(unpaired)
     out = Path(args.output) if args.output else Path(args.predictions) / "evaluation"
     paths = write_report(result, out, plot=not args.no_plot)

@@ -30,6 +30,11 @@ import numpy as np
 DEFAULT_DISTANCE_MM = 5.0
 #: default lesion-size bins on the *true diameter* (mm): [0, 3), [3, 5), [5, inf)
 DEFAULT_SIZE_BINS_MM = (3.0, 5.0)
+#: bins on the *visible* diameter (equivalent sphere of the labelled footprint on the image)
+VISIBLE_SIZE_BINS_MM = (1.5, 2.0, 3.0, 5.0)
+#: rating criterion: raters mark dark foci of roughly 2-10 mm on the image (Greenberg et al.,
+#: Lancet Neurol 2009). Simulated CMBs whose visible footprint is smaller are scored apart.
+DEFAULT_RATED_DIAMETER_MM = 2.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,6 +107,22 @@ def centroids_ras(labels: np.ndarray, n: int, ijk_to_ras: np.ndarray) -> np.ndar
     ijk = kji[:, ::-1]
     m = np.asarray(ijk_to_ras, float)
     return ijk @ m[:3, :3].T + m[:3, 3]
+
+
+def equivalent_diameters(labels: np.ndarray, values, voxel_mm3: float) -> np.ndarray:
+    """Diameter (mm) of the sphere with the volume of each label value's voxels (0 if absent).
+
+    Applied to a truth label map, this is the lesion's *visible* size: the footprint a rater
+    sees, blooming included, as opposed to the true source diameter of a simulation.
+    """
+    arr = np.asarray(labels)
+    vals = np.asarray(list(values), np.int64)
+    if vals.size == 0:
+        return np.zeros(0)
+    present, counts = np.unique(arr[arr != 0], return_counts=True)
+    lut = dict(zip(present.tolist(), counts.tolist()))
+    vol = np.array([lut.get(int(v), 0) for v in vals], float) * float(voxel_mm3)
+    return (6.0 * vol / math.pi) ** (1.0 / 3.0)
 
 
 def overlap_matrix(ref_labels: np.ndarray, n_ref: int, pred_labels: np.ndarray,
