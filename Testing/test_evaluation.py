@@ -262,3 +262,16 @@ def test_rating_criterion_scores_small_visible_lesions_apart():
     # criterion 0: every reference is rated, the same as the full count
     r0 = E.evaluate_subjects([case], rated_diameter_mm=0.0)["overall"]["cluster_rated"]
     assert (r0["n_ref"], r0["tp"], r0["fp"], r0["n_pred"]) == (2, 1, 1, 2)
+
+
+def test_cli_rating_criterion_option(dataset, capsys):
+    out = dataset["tmp"] / "r"
+    assert main(["evaluate", str(dataset["pred"]), str(dataset["truth"]), "-o", str(out),
+                 "--rated-diameter-mm", "-1", "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rated-diameter-mm" in err[0] and not out.exists()
+    # the fixture's CMBs are 3x3x3 voxels (visible 4.3 mm): a 5 mm criterion leaves out both
+    assert main(["evaluate", str(dataset["pred"]), str(dataset["truth"]), "-o", str(out),
+                 "--rated-diameter-mm", "5", "-q", "--no-plot"]) == 0
+    r = json.loads((out / "evaluation.json").read_text())["overall"]["cluster_rated"]
+    assert (r["n_ref"], r["below_criterion"], r["fp"]) == (0, 2, 1)

@@ -249,8 +249,8 @@ def subject_members(groups: list) -> list:
 def percentile_ci(draws, level: float) -> list:
     """Central ``level`` percentile interval of bootstrap draws (NaN draws ignored)."""
     v = np.asarray(draws, float)
-    if not np.isfinite(v).any():
-        return [math.nan, math.nan]
+    if not np.isfinite(v).any():  # e.g. no reference lesion at all: TPR is undefined
+        return [None, None]
     q = [50 * (1 - level), 50 * (1 + level)]
     return [_clean(float(x)) for x in np.nanpercentile(v, q)]
 
