@@ -491,6 +491,18 @@ def _f(v, pct=False, nd=2):
     return f"{100 * v:.1f} %" if pct else f"{v:.{nd}f}"
 
 
+def _strata_table(title: str, stages: dict, cluster, columns: list) -> list:
+    """A table of TPR (detected/CMBs) per stratum: one row per stage, plus the cluster rule."""
+    lines = [title, "", "| stage | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    rows = list(stages.items()) + ([("cluster (label maps)", cluster)] if cluster else [])
+    for st, d in rows:
+        cells = [f"{_f(d[b]['tpr'], True)} ({d[b]['detected']}/{d[b]['n_ref']})"
+                 if b in d else "-" for b in columns]
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _group_table(name: str, g: dict) -> list:
     lines = [f"### {name}: {g['scans']} scans, {g['cmb_positive_scans']} with CMBs, "
              f"{g['truth_cmbs']} CMBs", ""]
@@ -537,40 +549,19 @@ def _group_table(name: str, g: dict) -> list:
         for st in g["stages_by_size"].values():
             bins += [b for b in st if b not in bins]
         if bins:
-            lines += ["TPR by true diameter:", "",
-                      "| stage | " + " | ".join(bins) + " |", "|---" * (len(bins) + 1) + "|"]
-            rows = list(g["stages_by_size"].items())
-            if "cluster_by_size" in g:
-                rows.append(("cluster (label maps)", g["cluster_by_size"]))
-            for st, d in rows:
-                cells = [f"{_f(d[b]['tpr'], True)} ({d[b]['detected']}/{d[b]['n_ref']})"
-                         if b in d else "-" for b in bins]
-                lines.append(f"| {st} | " + " | ".join(cells) + " |")
-            lines.append("")
+            lines += _strata_table("TPR by true diameter:", g["stages_by_size"],
+                                   g.get("cluster_by_size"), bins)
         vb = []
         for st in g.get("stages_by_visible_size", {}).values():
             vb += [b for b in M.size_bin_labels(M.VISIBLE_SIZE_BINS_MM) + ["unknown"]
                    if b in st and b not in vb]
         if vb and vb != ["unknown"]:
-            lines += ["TPR by visible diameter (footprint in the truth label map):", "",
-                      "| stage | " + " | ".join(vb) + " |", "|---" * (len(vb) + 1) + "|"]
-            rows = list(g["stages_by_visible_size"].items())
-            if "cluster_by_visible_size" in g:
-                rows.append(("cluster (label maps)", g["cluster_by_visible_size"]))
-            for st, d in rows:
-                cells = [f"{_f(d[b]['tpr'], True)} ({d[b]['detected']}/{d[b]['n_ref']})"
-                         if b in d else "-" for b in vb]
-                lines.append(f"| {st} | " + " | ".join(cells) + " |")
-            lines.append("")
+            lines += _strata_table("TPR by visible diameter (footprint in the truth label map):",
+                                   g["stages_by_visible_size"], g.get("cluster_by_visible_size"),
+                                   vb)
         cats = sorted({c for d in g["stages_by_category"].values() for c in d})
         if cats and cats != ["unknown"]:
-            lines += ["TPR by category:", "", "| stage | " + " | ".join(cats) + " |",
-                      "|---" * (len(cats) + 1) + "|"]
-            for st, d in g["stages_by_category"].items():
-                cells = [f"{_f(d[c]['tpr'], True)} ({d[c]['detected']}/{d[c]['n_ref']})"
-                         if c in d else "-" for c in cats]
-                lines.append(f"| {st} | " + " | ".join(cells) + " |")
-            lines.append("")
+            lines += _strata_table("TPR by category:", g["stages_by_category"], None, cats)
     if g.get("fp_types"):
         lines.append("False positives after clean-up by nearest mimic: " + ", ".join(
             f"{k} {v}" for k, v in sorted(g["fp_types"].items(), key=lambda kv: -kv[1])))
