@@ -204,17 +204,18 @@ def compare_classifiers(cases_a: list, cases_b: list,
                                    [c.truth_name for c in cases_a], distance_mm, **kw)
 
 
-def _rated_counts(ref, pred_labels, n_pred: int, refs: dict, hits, rated) -> M.ClusterCounts:
+def _rated_counts(touch: np.ndarray, ref_values, refs: dict, hits, rated) -> M.ClusterCounts:
     """Cluster counts under the rating criterion: only ``rated`` references are lesions to find.
 
     A smaller simulated CMB is neither a miss nor, when found, a false positive: a predicted
     component touching only such lesions is left out of the prediction count. False
     positives (components touching no reference voxel) are the same as in the full count.
+    ``touch[r, p]``: reference label ``ref_values[r]`` shares a voxel with predicted component
+    ``p + 1``.
     """
-    rl, nr, rvals = M._elements(ref, 26, True)
-    touch = M.overlap_matrix(rl, nr, pred_labels, n_pred) > 0
+    nr, n_pred = touch.shape
     below = {lab for lab, r in zip(refs["label"], rated) if not r}
-    rated_rows = np.array([int(v) not in below for v in rvals], bool)
+    rated_rows = np.array([int(v) not in below for v in ref_values], bool)
     touch_any = touch.any(axis=0) if nr else np.zeros(n_pred, bool)
     touch_rated = touch[rated_rows].any(axis=0) if rated_rows.any() else np.zeros(n_pred, bool)
     neutral = int((touch_any & ~touch_rated).sum())
@@ -257,8 +258,12 @@ def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
         m = case.truth_labels.ijk_to_ras
         any_ = M.cluster_counts(pred, ref, connectivity, one_to_one=False)
         one = M.cluster_counts(pred, ref, connectivity, one_to_one=True)
-        # per-CMB detection (each truth label its own lesion) for size/category strata
-        per_cmb = M.cluster_counts(pred, ref, connectivity, ref_as_labels=True)
+        # per-CMB detection (each truth label its own lesion): size strata, rating criterion
+        pl, npred = M.label_components(pred, connectivity)
+        rl, nr, rvals = M._elements(ref, connectivity, True)
+        touch = M.overlap_matrix(rl, nr, pl, npred) > 0
+        per_cmb = M.cluster_counts_from_overlap(touch.astype(np.int64))
+        per_cmb.ref_values = [int(v) for v in rvals]
         val = M.valdo_subject(pred, ref, m, distance_mm, vc)
         out["cluster"] = any_.as_dict()
         out["cluster_one_to_one"] = one.as_dict()
@@ -267,15 +272,13 @@ def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
         out["_cluster"], out["_cluster_one"], out["_valdo"] = any_, one, val
         detected = dict(zip(per_cmb.ref_values, per_cmb.ref_detected))
         out["_cluster_hit_by_ref"] = [bool(detected.get(i, False)) for i in refs["label"]]
-        pl, npred = M.label_components(pred, connectivity)
-        rated = _rated_counts(ref, pl, npred, refs, out["_cluster_hit_by_ref"],
+        rated = _rated_counts(touch, rvals, refs, out["_cluster_hit_by_ref"],
                               np.array([r == "rated" for r in out["_rated"]], bool))
         out["_cluster_rated"] = rated
         out["cluster_rated"] = rated.as_dict()
         # centroids of FP clusters (for mimic attribution)
         cents = M.centroids_ras(pl, npred, m)
-        ov = M.overlap_matrix(*M._elements(ref, connectivity, False)[:2], pl, npred)
-        fp_points_cluster = cents[~(ov > 0).any(axis=0)] if npred else np.zeros((0, 3))
+        fp_points_cluster = cents[~touch.any(axis=0)] if npred else np.zeros((0, 3))
 
     # --- candidate stages (points) --------------------------------------------------------
     pts, conf, kept = _cand_arrays(case)
@@ -508,7 +511,8 @@ def _group_table(name: str, g: dict) -> list:
              f"{g['truth_cmbs']} CMBs", ""]
     if "cluster" in g:
         lines += ["Cluster-wise (label maps, overlap >= 1 voxel):", "",
-                  "| rule | TPR | precision | FP/scan | TP | FN | FP |", "|---|---|---|---|---|---|---|"]
+                  "| rule | TPR | precision | FP/scan | TP | FN | FP |",
+                  "|---|---|---|---|---|---|---|"]
         rows = [("cluster", "any overlap (paper)"), ("cluster_one_to_one", "one-to-one")]
         if "cluster_rated" in g:
             r = g["cluster_rated"]

@@ -42,13 +42,18 @@ def _ci(ci, pct: bool = False) -> str:
     return f" ({f(ci[0])}–{f(ci[1])})"
 
 
+def _meets_targets(cluster: dict, candidates: dict) -> bool:
+    """Cluster TPR and FP per scan after clean-up, and candidate TPR, all within TARGETS."""
+    return (cluster["tpr"] is not None and cluster["tpr"] >= TARGETS["cleanup_tpr"]
+            and cluster["fp_per_subject"] <= TARGETS["cleanup_fp"]
+            and candidates["tpr"] is not None
+            and candidates["tpr"] >= TARGETS["candidate_tpr"])
+
+
 def _group_rows(name: str, g: dict) -> str:
     st = g["stages"]
     cl, v = g["cluster"], g["valdo"]
-    ok = (cl["tpr"] is not None and cl["tpr"] >= TARGETS["cleanup_tpr"]
-          and cl["fp_per_subject"] <= TARGETS["cleanup_fp"]
-          and st["candidates"]["tpr"] is not None
-          and st["candidates"]["tpr"] >= TARGETS["candidate_tpr"])
+    ok = _meets_targets(cl, st["candidates"])
     return (f"| {name} | {g['scans']} ({g['cmb_positive_scans']} with CMBs) | {g['truth_cmbs']} | "
             f"{_pct(st['candidates']['tpr'])} / {_num(st['candidates']['fp_per_subject'], 1)} | "
             f"{_pct(st['student']['tpr'])} / {_num(st['student']['fp_per_subject'], 1)} | "
@@ -74,9 +79,7 @@ def _rated_rows(name: str, g: dict) -> str:
     cand = g.get("stages_rated", {}).get("candidates")
     if not r or not cand:
         return f"| {name} | n/a | n/a | n/a | n/a | n/a |"
-    ok = (r["tpr"] is not None and r["tpr"] >= TARGETS["cleanup_tpr"]
-          and r["fp_per_subject"] <= TARGETS["cleanup_fp"]
-          and cand["tpr"] is not None and cand["tpr"] >= TARGETS["candidate_tpr"])
+    ok = _meets_targets(r, cand)
     return (f"| {name} | {r['n_ref']} ({r['below_criterion']} smaller) | {_pct(cand['tpr'])} | "
             f"{_pct(r['tpr'])}{_ci(r.get('tpr_ci'), True)} | {_num(r['fp_per_subject'])} | "
             f"{'yes' if ok else '**no**'} |")
@@ -192,7 +195,8 @@ def build(run_dir, docs_dir) -> str:
     L += ["## Knowledge distillation: does it help?", "",
           "The three classifiers score the very same detector candidates of the test split, at "
           "the shipped student's thresholds and the same clean-up; the no-distillation student "
-          "has the distilled student's architecture, initialisation, batches and number of steps.", "",
+          "has the distilled student's architecture, initialisation, batches and number of "
+          "steps.", "",
           "| classifier | parameters | after clean-up TPR / FP per scan (all modalities) | "
           "SWI | GRE | QSM | FROC: mean TPR at 1/8-8 FP per scan |",
           "|---|---|---|---|---|---|---|"]
