@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 torch = pytest.importorskip("torch")
 
@@ -341,3 +342,35 @@ def test_settings_added_later_take_their_legacy_value(tmp_path):
     cfg.n_val_extra, cfg.per_modality_thresholds = 0, True
     with pytest.raises(InputError, match="another configuration"):
         Run(tmp_path, cfg)  # it was made with one threshold for all modalities
+
+
+def test_tube_touches_the_lesion_keeps_labels_and_the_outside():
+    from CMBDetectorLib.training import add_tube
+
+    img = np.full((32, 32, 32), 0.05, np.float32)
+    img[:, :, :6] = 0.0                     # outside the brain
+    lab = np.zeros(img.shape, np.uint8)
+    lab[15:18, 15:18, 15:18] = 1
+    near = 0
+    for seed in range(10):
+        out = add_tube(img, lab, np.random.default_rng(seed))
+        added = out - img
+        assert added.min() >= 0 and added.max() > 0.2
+        assert np.all(added[:, :, :6] == 0)
+        # The tube's axis passes within 3 voxels of a lesion voxel: strong signal nearby.
+        dist = ndi.distance_transform_edt(lab == 0)
+        near += int(added[dist <= 4.5].max() > 0.5 * added.max())
+    assert near >= 9
+
+
+def test_tube_probability_zero_leaves_augmentation_unchanged():
+    from CMBDetectorLib.training import augment_detector
+
+    img = np.random.default_rng(1).normal(size=(40, 40, 40)).astype(np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    lab[20, 20, 20] = 1
+    a, _ = augment_detector(img, lab, np.random.default_rng(5), 32)
+    b, _ = augment_detector(img, lab, np.random.default_rng(5), 32, tube_prob=0.0)
+    c, _ = augment_detector(img, lab, np.random.default_rng(5), 32, tube_prob=1.0)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)

@@ -41,3 +41,48 @@ def test_no_mimics_no_negatives():
     case = _case_with_u_vein()
     case.mimics[:] = 0
     assert mimic_negatives(case, np.random.default_rng(0)).shape == (0, 3)
+
+
+def _case_with_two_cmbs():
+    """A 40^3 brain (mask 3 voxels in from every face) with one CMB 1 mm inside the mask edge
+    and one deep CMB."""
+    shape = (40, 40, 40)
+    mask = np.zeros(shape, bool)
+    mask[3:-3, 3:-3, 3:-3] = True
+    labels = np.zeros(shape, np.uint16)
+    labels[20, 20, 4] = 1        # surface
+    labels[20, 20, 20] = 2       # deep
+    return Case("s", "swi", np.eye(4), mask.astype(np.float32), np.zeros(shape, np.float32),
+                mask, labels, np.zeros(shape, np.uint16), {},
+                np.array([[20.0, 20.0, 4.0], [20.0, 20.0, 20.0]]))
+
+
+def test_surface_cmbs_get_extra_detector_patches():
+    from CMBDetectorLib.training_data import detector_patches
+
+    case = _case_with_two_cmbs()
+    _, labs0, kinds0 = detector_patches(case, np.random.default_rng(0), size=32, n_rand=2)
+    _, labs, kinds = detector_patches(case, np.random.default_rng(0), size=32, n_rand=2,
+                                      surface_mm=5.0, surface_extra=3)
+    assert (kinds0 == 1).sum() == 2
+    assert (kinds == 1).sum() == 5          # 2 + 3 for the surface CMB only
+    # The extra positive patches hold the surface CMB (jitter is at most 12 of 16 voxels).
+    assert all(l.any() for l in labs[kinds == 1][2:])
+    _, _, kinds_deep = detector_patches(case, np.random.default_rng(0), size=32, n_rand=2,
+                                        surface_mm=0.5, surface_extra=3)
+    assert (kinds_deep == 1).sum() == 2     # no CMB lies within 0.5 mm of the edge
+
+
+def test_cmbs_in_bright_context_get_extra_detector_patches():
+    from CMBDetectorLib.training_data import bright_context, detector_patches
+
+    case = _case_with_two_cmbs()
+    case.image[:] = 0.0
+    case.image[18:23, 18:23, 22:26] = 1.0    # a dark (bright after inversion) band beside CMB 2
+    case.labels[20, 20, 20] = 2
+    assert bright_context(case, 0) == 0.0
+    assert bright_context(case, 1) > 0.15
+    _, labs, kinds = detector_patches(case, np.random.default_rng(0), size=32, n_rand=2,
+                                      context_extra=3)
+    assert (kinds == 1).sum() == 5          # 2 + 3 for the CMB in bright context
+    assert all(l.any() for l in labs[kinds == 1][2:])

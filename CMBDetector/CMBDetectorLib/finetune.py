@@ -94,7 +94,11 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
     ck.mkdir(parents=True, exist_ok=True)
 
     # Detector.
-    bank = [detector_patches(c, rng, size=patch + 8) for c in train]
+    cfg = TrainConfig()  # the bundled detector's sampling and loss settings
+    bank = [detector_patches(c, rng, size=patch + 8, surface_mm=cfg.detector_surface_mm,
+                             surface_extra=cfg.detector_surface_extra,
+                             context_fraction=cfg.detector_context_fraction,
+                             context_extra=cfg.detector_context_extra) for c in train]
     img = np.concatenate([b[0] for b in bank])
     lab = np.concatenate([b[1] for b in bank])
     kind = np.concatenate([b[2] for b in bank])
@@ -102,7 +106,6 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
     if len(pos) == 0:
         raise InputError("the training scans hold no CMB")
     det = bundle.detector
-    cfg = TrainConfig()  # the bundled detector's loss settings
 
     def det_batches(r):
         idx = np.concatenate([r.choice(pos, batch // 2), r.choice(neg, batch - batch // 2)])

@@ -67,6 +67,19 @@ class TrainConfig:
     #: ``detector_small_lesion_max = 1`` turns it off.
     detector_small_lesion_ref: float = 8.0
     detector_small_lesion_max: float = 4.0
+    #: Experimental, off in the bundled set (see docs/experiments/): CMBs within
+    #: ``detector_surface_mm`` of the brain-mask edge get ``detector_surface_extra`` more
+    #: detector patches; a fraction ``detector_tube_prob`` of detector patches gets a tube in
+    #: contact with the lesion (see :func:`add_tube`); CMBs in bright context (more than
+    #: ``detector_context_fraction`` of the voxels 1-6 voxels around them bright, see
+    #: :func:`~CMBDetectorLib.training_data.bright_context`) get ``detector_context_extra``
+    #: more patches. They target the SWI candidate misses: large CMBs inside the dark bands
+    #: that SWI phase masking leaves near the brain surface.
+    detector_surface_mm: float = 8.0
+    detector_surface_extra: int = 0
+    detector_tube_prob: float = 0.0
+    detector_context_fraction: float = 0.15
+    detector_context_extra: int = 0
     teacher_base: int = 16
     teacher_hidden: int = 64
     student_base: int = 8
@@ -105,7 +118,10 @@ class TrainConfig:
 
 #: Settings added after run folders existed, with the value that reproduces a folder made
 #: before them (which therefore lacks them).
-LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False}
+LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
+                   "detector_surface_mm": 8.0, "detector_surface_extra": 0,
+                   "detector_tube_prob": 0.0, "detector_context_fraction": 0.15,
+                   "detector_context_extra": 0}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 DATA_MODULES = ("simulation", "anatomy", "preprocessing", "radial_symmetry", "volume")
@@ -134,9 +150,33 @@ def subject_seeds(cfg: TrainConfig) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------------------------
-def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int):
+def add_tube(img: np.ndarray, lab: np.ndarray, rng) -> np.ndarray:
+    """Add a bright (paramagnetic-looking) tube segment that passes through or touches a lesion
+    of the patch (or a point near the centre when it has none): a vein or an SWI phase band in
+    contact with a CMB. Labels are unchanged, so the detector learns that a round focus on a
+    tube is still a CMB and that the tube alone is not. Zero (outside-brain) voxels stay zero.
+    """
+    shape = np.array(img.shape)
+    vox = np.argwhere(lab > 0)
+    p0 = (vox[rng.integers(len(vox))] if len(vox)
+          else shape / 2 + rng.uniform(-8, 8, 3)).astype(np.float32)
+    d = rng.normal(size=3)
+    d /= np.linalg.norm(d)
+    side = np.cross(d, rng.normal(size=3))
+    side /= max(np.linalg.norm(side), 1e-6)
+    centre = p0 + side * rng.uniform(0.0, 3.0)
+    radius, amp, half_len = rng.uniform(0.6, 1.5), rng.uniform(0.3, 1.0), rng.uniform(6, 24)
+    grid = np.indices(img.shape, np.float32).reshape(3, -1).T - centre
+    along = grid @ d.astype(np.float32)
+    perp2 = np.einsum("ij,ij->i", grid, grid) - along ** 2
+    profile = amp * np.exp(-perp2 / (2 * radius ** 2)) * (np.abs(along) <= half_len)
+    return img + profile.reshape(img.shape).astype(np.float32) * (img != 0)
+
+
+def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob: float = 0.0):
     """Flips on all axes, axis permutation in-plane, small rotation, contrast, noise,
-    resolution (blur along one axis); centre-crop to ``out``."""
+    resolution (blur along one axis); centre-crop to ``out``; with probability ``tube_prob``
+    a tube in contact with the lesion (:func:`add_tube`)."""
     from .radial_symmetry import frst
 
     img = img.astype(np.float32)
@@ -148,6 +188,8 @@ def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int):
     s = (img.shape[0] - out) // 2
     sl = (slice(s, s + out),) * 3
     img, lab = img[sl], lab[sl]
+    if tube_prob > 0 and rng.random() < tube_prob:
+        img = add_tube(img, lab, rng)
     for ax in range(3):
         if rng.random() < 0.5:
             img, lab = np.flip(img, ax), np.flip(lab, ax)
@@ -200,7 +242,8 @@ def detector_batch(img, lab, idx, rng, patch: int, cfg: "TrainConfig"):
     tensors, for training and fine-tuning alike."""
     import torch
 
-    xs, ys = zip(*(augment_detector(img[i], lab[i], rng, patch) for i in idx))
+    xs, ys = zip(*(augment_detector(img[i], lab[i], rng, patch, cfg.detector_tube_prob)
+                   for i in idx))
     w = np.stack([lesion_size_weights(y, cfg.detector_small_lesion_ref,
                                       cfg.detector_small_lesion_max) for y in ys])
     return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64)),
@@ -409,7 +452,11 @@ class Run:
             rng = np.random.default_rng(self.cfg.seed + 1)
             imgs, labs, kinds = [], [], []
             for case in self.cases("pool_a"):
-                i, l, k = detector_patches(case, rng, size=self.cfg.detector_patch + 8)
+                i, l, k = detector_patches(case, rng, size=self.cfg.detector_patch + 8,
+                                           surface_mm=self.cfg.detector_surface_mm,
+                                           surface_extra=self.cfg.detector_surface_extra,
+                                           context_fraction=self.cfg.detector_context_fraction,
+                                           context_extra=self.cfg.detector_context_extra)
                 imgs.append(i), labs.append(l), kinds.append(k)
             np.savez(path, img=np.concatenate(imgs), lab=np.concatenate(labs),
                      kind=np.concatenate(kinds))
