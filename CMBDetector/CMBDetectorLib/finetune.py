@@ -95,10 +95,7 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
 
     # Detector.
     cfg = TrainConfig()  # the bundled detector's sampling and loss settings
-    bank = [detector_patches(c, rng, size=patch + 8, surface_mm=cfg.detector_surface_mm,
-                             surface_extra=cfg.detector_surface_extra,
-                             context_fraction=cfg.detector_context_fraction,
-                             context_extra=cfg.detector_context_extra) for c in train]
+    bank = [detector_patches(c, rng, size=patch + 8, **cfg.detector_sampling()) for c in train]
     img = np.concatenate([b[0] for b in bank])
     lab = np.concatenate([b[1] for b in bank])
     kind = np.concatenate([b[2] for b in bank])

@@ -103,6 +103,14 @@ class TrainConfig:
     threads: int = 0              # torch threads (0 = all cores)
     checkpoint_every: int = 250
 
+    def detector_sampling(self) -> dict:
+        """The extra-patch settings as :func:`~CMBDetectorLib.training_data.detector_patches`
+        takes them (training and fine-tuning sample alike)."""
+        return {"surface_mm": self.detector_surface_mm,
+                "surface_extra": self.detector_surface_extra,
+                "context_fraction": self.detector_context_fraction,
+                "context_extra": self.detector_context_extra}
+
     @classmethod
     def tiny(cls) -> "TrainConfig":
         """Seconds-scale configuration for the test suite (not a usable model)."""
@@ -453,10 +461,7 @@ class Run:
             imgs, labs, kinds = [], [], []
             for case in self.cases("pool_a"):
                 i, l, k = detector_patches(case, rng, size=self.cfg.detector_patch + 8,
-                                           surface_mm=self.cfg.detector_surface_mm,
-                                           surface_extra=self.cfg.detector_surface_extra,
-                                           context_fraction=self.cfg.detector_context_fraction,
-                                           context_extra=self.cfg.detector_context_extra)
+                                           **self.cfg.detector_sampling())
                 imgs.append(i), labs.append(l), kinds.append(k)
             np.savez(path, img=np.concatenate(imgs), lab=np.concatenate(labs),
                      kind=np.concatenate(kinds))
