@@ -132,21 +132,16 @@ def detector_patches(case: Case, rng: np.random.Generator, size: int = 56, n_pos
     centres, kinds = [], []
     if len(case.truth_centres):
         pick = rng.permutation(len(case.truth_centres))[:n_pos]
-        for p in pick:
-            centres.append(case.truth_centres[p] + rng.integers(-12, 13, 3))
-            kinds.append(1)
+        lesions = list(pick)
         if surface_extra > 0 and surface_mm > 0:
             edge = edge_distance(case.mask, case.truth_centres[pick], case.spacing_kji[::-1])
-            for p in pick[edge < surface_mm]:
-                for _ in range(surface_extra):
-                    centres.append(case.truth_centres[p] + rng.integers(-12, 13, 3))
-                    kinds.append(1)
+            lesions += [p for p in pick[edge < surface_mm] for _ in range(surface_extra)]
         if context_extra > 0:
-            for p in pick:
-                if bright_context(case, p) > context_fraction:
-                    for _ in range(context_extra):
-                        centres.append(case.truth_centres[p] + rng.integers(-12, 13, 3))
-                        kinds.append(1)
+            lesions += [p for p in pick if bright_context(case, p) > context_fraction
+                        for _ in range(context_extra)]
+        for p in lesions:
+            centres.append(case.truth_centres[p] + rng.integers(-12, 13, 3))
+            kinds.append(1)
     brain = np.argwhere(case.mask[::4, ::4, ::4]) * 4
     if len(brain):
         for p in rng.choice(len(brain), size=min(n_rand, len(brain)), replace=False):
