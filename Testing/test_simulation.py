@@ -231,3 +231,31 @@ def test_oblique_b0_rotates_the_dipole_pattern():
         assert value_at(s.phase, c + sgn * 1.6 * b) < -0.5  # poles along the oblique B0
         assert value_at(s.phase, c + sgn * 1.6 * perp) > 0.2  # equator
     assert s.truth["params"]["b0_dir_ras"] == pytest.approx(list(b))
+
+
+def test_dark_context_centres_cmbs_next_to_what_swi_shows_dark():
+    base = dict(roi_mm=60.0, roi_center_mni=(25.0, -15.0, 25.0), spacing_mm=(1.0, 1.0, 1.0),
+                te_ms=25.0, b0_t=3.0, calcifications=False, noise=False, bias=False)
+    free = simulate_subject(11, SimulationConfig(n_cmbs=0, **base))  # same veins, no lesion
+    swi, brain = free.images["swi"], free.brain_mask.array > 0
+    dark = brain & (swi.array < 0.5 * np.median(swi.array[brain]))
+    dark_ras = swi.ijk_to_ras_points(np.argwhere(dark)[:, ::-1])
+
+    def distances(share):
+        s = simulate_subject(11, SimulationConfig(n_cmbs=5, cmb_dark_context=share, **base))
+        centres = np.array([c["centre_ras"] for c in s.truth["cmbs"]])
+        return np.array([np.linalg.norm(dark_ras - c, axis=1).min() for c in centres])
+
+    # about half of this ROI's brain lies within 3.9 mm of a dark voxel, so five CMBs placed
+    # there by chance would happen about once in 30 seeds; the natural placement misses it
+    near = distances(1.0)
+    assert len(near) == 5 and np.all(near <= 3.0 + np.sqrt(3) / 2)  # site 0.5-3 mm, +/- half voxel
+    assert not np.all(distances(0.0) <= 3.0 + np.sqrt(3) / 2)
+
+
+def test_dark_context_zero_is_the_natural_placement():
+    cfg = dict(roi_mm=30.0, spacing_mm=(1.0, 1.0, 1.5), n_cmbs=2)
+    a = simulate_subject(7, SimulationConfig(**cfg))
+    b = simulate_subject(7, SimulationConfig(cmb_dark_context=0.0, **cfg))
+    assert json.dumps(a.truth) == json.dumps(b.truth)
+    assert np.array_equal(a.images["swi"].array, b.images["swi"].array)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from CMBDetectorLib.errors import InputError
 from CMBDetectorLib.training import (TrainConfig, Run, cosine_factor, dice_ce_loss, fit, kd_loss,
-                                     lesion_size_weights, run_training)
+                                     lesion_size_weights, run_training, subject_seeds)
 
 
 def test_voxel_weights_apply_before_reduction():
@@ -156,8 +157,6 @@ def test_tiny_run_exports_manifest_with_real_hashes(tiny_run):
 
 
 def test_splits_are_by_subject():
-    from CMBDetectorLib.training import subject_seeds
-
     s = subject_seeds(TrainConfig())
     all_ = [x for v in s.values() for x in v]
     assert len(all_) == len(set(all_))
@@ -374,3 +373,31 @@ def test_tube_probability_zero_leaves_augmentation_unchanged():
     c, _ = augment_detector(img, lab, np.random.default_rng(5), 32, tube_prob=1.0)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_detector_sim_config_reaches_pool_a_only(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from CMBDetectorLib import simulation, training_data
+
+    seen = {}
+
+    def fake_simulate(seed, config):
+        seen[seed] = config
+        return SimpleNamespace(images=dict.fromkeys(cfg.modalities), cmb_labels=None,
+                               mimic_labels=None, truth={})
+
+    def fake_case(name, *args):
+        return SimpleNamespace(save=lambda path: Path(path).write_bytes(b""))
+
+    monkeypatch.setattr(simulation, "simulate_subject", fake_simulate)
+    monkeypatch.setattr(training_data, "make_case", fake_case)
+    cfg = TrainConfig.tiny()
+    cfg.detector_sim_config = {"cmb_dark_context": 0.5}
+    run = Run(tmp_path, cfg)
+    run.build_cases()
+    seeds = subject_seeds(cfg)
+    assert sorted(seen) == sorted(seeds["pool_a"] + seeds["pool_b_train"] + seeds["pool_b_val"])
+    for seed, sim in seen.items():
+        assert sim.cmb_dark_context == (0.5 if seed in seeds["pool_a"] else 0.0)
+        assert sim.roi_mm == 64.0 and tuple(sim.n_cmbs) == (3, 4)  # shared overrides kept

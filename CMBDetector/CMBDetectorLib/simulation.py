@@ -78,6 +78,11 @@ class SimulationConfig:
     calc_specs: list | None = None  # explicit calcifications (chi < 0)
     cmb_radius_mm: float | None = None  # fixed true radius for random CMBs
     cmb_chi_ppm: float | None = None
+    #: Share of random CMBs placed in dark context: centred 0.5-3 mm from a structure that the
+    #: lesion-free SWI shows dark (a vein, a phase band, an iron-laden nucleus). Training pools
+    #: use it so the detector sees enough CMBs touching a dark band; 0 keeps the natural
+    #: placement (and the random stream) of the test split.
+    cmb_dark_context: float = 0.0
     veins: bool = True
     vein_density: float = 1.5  # scales the number of pial, medullary and slice-crossing veins
     calcifications: bool = True
@@ -516,6 +521,33 @@ def _sphere_factor(grid: _Grid, centre, radius, axes_rot, chi, phase_per_ppm, b0
     return sl, fac.astype(np.complex64), frac.astype(np.float32), shp
 
 
+def _dark_context_sites(sig, brain, vein_frac, grid: _Grid, cfg, max_sites: int = 200000):
+    """Voxel indices of tissue 0.5-3 mm from a voxel that the lesion-free SWI shows dark (below
+    half the brain median), itself neither dark nor vein, at least 3 mm inside the grid."""
+    from scipy import ndimage as ndi
+
+    lp = _smooth_lowres(sig, cfg.homodyne_sigma_mm, grid.spacing)
+    phase = np.angle(sig * np.conj(lp))
+    del lp
+    pmask = np.where(phase < 0, (np.pi + phase) / np.pi, 1.0)
+    swi = np.abs(sig) * pmask ** cfg.swi_power
+    del phase, pmask
+    inside = brain > 0.5
+    if not np.any(inside):
+        return np.zeros((0, 3), int)
+    ref = float(np.median(swi[inside]))
+    dark = inside & (swi < 0.5 * ref)
+    if not np.any(dark):
+        return np.zeros((0, 3), int)
+    dist = ndi.distance_transform_edt(~dark, sampling=grid.spacing)
+    ok = inside & (swi > 0.7 * ref) & (vein_frac < 0.1) & (dist >= 0.5) & (dist <= 3.0)
+    m = np.ceil(3.0 / grid.spacing).astype(int)
+    edge = np.zeros_like(ok)
+    edge[m[0]:-m[0], m[1]:-m[1], m[2]:-m[2]] = True
+    sites = np.argwhere(ok & edge)
+    return sites[:: max(1, len(sites) // max_sites)]
+
+
 def _sample_count(rng, cfg):
     if cfg.n_cmbs is not None:
         if isinstance(cfg.n_cmbs, (tuple, list)):
@@ -797,15 +829,24 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
         prior = {"lobar": 0.55, "deep": 0.3, "infratentorial": 0.15}
         cats = sorted(pool)
         pw = np.array([prior[c] for c in cats])
+        dark_sites = None
+        if n_c and cfg.cmb_dark_context > 0:
+            dark_sites = _dark_context_sites(sig, brain_t, vf_t, T, cfg)
         tries = 0
         while cats and len(specs) < n_c and tries < 400:
             tries += 1
-            cat = cats[int(rng.choice(len(cats), p=pw / pw.sum()))]
-            mni_c, ras_c = pool[cat]
-            q = int(rng.integers(len(mni_c)))
-            jit_mm = rng.uniform(-1, 1, 3)
-            pm = mni_c[q] + jit_mm
-            pr = warp.to_subject(pm[None])[0]
+            if (dark_sites is not None and len(dark_sites)
+                    and rng.random() < cfg.cmb_dark_context):
+                q = int(rng.integers(len(dark_sites)))
+                pr = T.to_ras((dark_sites[q] + rng.uniform(-0.5, 0.5, 3))[None])[0]
+                pm = warp.to_template(pr[None])[0]
+            else:
+                cat = cats[int(rng.choice(len(cats), p=pw / pw.sum()))]
+                mni_c, ras_c = pool[cat]
+                q = int(rng.integers(len(mni_c)))
+                jit_mm = rng.uniform(-1, 1, 3)
+                pm = mni_c[q] + jit_mm
+                pr = warp.to_subject(pm[None])[0]
             if any(np.linalg.norm(pr - s["centre_ras"]) < 8 for s in specs):
                 continue
             # total susceptibility chi*V (ppm mm^3) is the randomised quantity

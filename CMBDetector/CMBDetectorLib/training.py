@@ -50,6 +50,10 @@ class TrainConfig:
     #: ``n_val`` of pool B); they add no training patch.
     n_val_extra: int = 24
     sim_config: dict = field(default_factory=dict)   # SimulationConfig overrides
+    #: SimulationConfig overrides for pool A only (the detector's subjects), on top of
+    #: ``sim_config``: e.g. ``{"cmb_dark_context": 0.5}`` places half of its CMBs against a
+    #: dark structure. Pool B, validation and test keep the natural placement.
+    detector_sim_config: dict = field(default_factory=dict)
     #: CMB count range of the training pools (more positives per subject); the test split keeps
     #: the simulator's natural heavy-tailed count, CMB-free subjects included.
     pool_n_cmbs: tuple = (2, 12)
@@ -129,7 +133,7 @@ class TrainConfig:
 LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "detector_surface_mm": 8.0, "detector_surface_extra": 0,
                    "detector_tube_prob": 0.0, "detector_context_fraction": 0.15,
-                   "detector_context_extra": 0}
+                   "detector_context_extra": 0, "detector_sim_config": {}}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 DATA_MODULES = ("simulation", "anatomy", "preprocessing", "radial_symmetry", "volume")
@@ -430,6 +434,8 @@ class Run:
                 need = list(self.cfg.modalities)
             if need:
                 sim = dict(self.cfg.sim_config)
+                if split == "pool_a":
+                    sim.update(self.cfg.detector_sim_config)
                 if split != "test":
                     sim.setdefault("n_cmbs", tuple(self.cfg.pool_n_cmbs))
                 subj = simulate_subject(seed, SimulationConfig(**sim))
