@@ -521,17 +521,21 @@ def _sphere_factor(grid: _Grid, centre, radius, axes_rot, chi, phase_per_ppm, b0
     return sl, fac.astype(np.complex64), frac.astype(np.float32), shp
 
 
+def _homodyne_swi(sig, spacing, cfg):
+    """Homodyne high-pass phase and SWI (magnitude x negative-phase mask^power) of ``sig``."""
+    lp = _smooth_lowres(sig, cfg.homodyne_sigma_mm, spacing)
+    phase = np.angle(sig * np.conj(lp)).astype(np.float32)
+    del lp
+    pmask = np.where(phase < 0, (np.pi + phase) / np.pi, 1.0).astype(np.float32)
+    return phase, (np.abs(sig).astype(np.float32) * pmask ** cfg.swi_power).astype(np.float32)
+
+
 def _dark_context_sites(sig, brain, vein_frac, grid: _Grid, cfg, max_sites: int = 200000):
     """Voxel indices of tissue 0.5-3 mm from a voxel that the lesion-free SWI shows dark (below
     half the brain median), itself neither dark nor vein, at least 3 mm inside the grid."""
     from scipy import ndimage as ndi
 
-    lp = _smooth_lowres(sig, cfg.homodyne_sigma_mm, grid.spacing)
-    phase = np.angle(sig * np.conj(lp))
-    del lp
-    pmask = np.where(phase < 0, (np.pi + phase) / np.pi, 1.0)
-    swi = np.abs(sig) * pmask ** cfg.swi_power
-    del phase, pmask
+    swi = _homodyne_swi(sig, grid.spacing, cfg)[1]
     inside = brain > 0.5
     if not np.any(inside):
         return np.zeros((0, 3), int)
@@ -961,11 +965,7 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
         sig.real += rng.standard_normal(sig.shape, dtype=np.float32) * np.float32(sd)
         sig.imag += rng.standard_normal(sig.shape, dtype=np.float32) * np.float32(sd)
     gre = np.abs(sig).astype(np.float32)
-    lp = _smooth_lowres(sig, cfg.homodyne_sigma_mm, spacing)
-    phase = np.angle(sig * np.conj(lp)).astype(np.float32)
-    del lp
-    pmask = np.where(phase < 0, (np.pi + phase) / np.pi, 1.0).astype(np.float32)
-    swi = (gre * pmask ** cfg.swi_power).astype(np.float32)
+    phase, swi = _homodyne_swi(sig, spacing, cfg)
     bmask = brain_t > 0.5
     qsm = ndi.gaussian_filter(chi_t, cfg.qsm_blur_vox)
     if cfg.noise:
