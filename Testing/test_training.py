@@ -401,3 +401,40 @@ def test_detector_sim_config_reaches_pool_a_only(tmp_path, monkeypatch):
     for seed, sim in seen.items():
         assert sim.cmb_dark_context == (0.5 if seed in seeds["pool_a"] else 0.0)
         assert sim.roi_mm == 64.0 and tuple(sim.n_cmbs) == (3, 4)  # shared overrides kept
+
+
+def test_extra_discriminator_subjects_join_training_only():
+    base = subject_seeds(TrainConfig())
+    cfg = TrainConfig(n_pool_b_extra=5)
+    s = subject_seeds(cfg)
+    extra = s["pool_b_train"][len(base["pool_b_train"]):]
+    assert len(extra) == 5 and s["pool_b_train"][:len(base["pool_b_train"])] == base["pool_b_train"]
+    for split in ("pool_a", "pool_b_val", "val_extra", "test"):
+        assert s[split] == base[split]  # validation and test unchanged
+    all_ = [x for v in s.values() for x in v]
+    assert len(all_) == len(set(all_))
+    with pytest.raises(InputError, match="n_pool_b_extra"):
+        subject_seeds(TrainConfig(n_pool_b_extra=201))  # would run into the validation seeds
+
+
+def test_reused_detector_is_copied_checked_and_skips_pool_a(tiny_run, tmp_path):
+    import hashlib
+
+    src = tiny_run[0] / "weights" / "detector.pt"
+    cfg = TrainConfig.tiny()
+    cfg.detector_weights = str(src)
+    run = Run(tmp_path / "reuse", cfg)
+    assert "pool_a" not in run.data_splits()
+    run.train_detector()
+    copied = tmp_path / "reuse" / "weights" / "detector.pt"
+    assert copied.read_bytes() == src.read_bytes()
+    log = json.loads((tmp_path / "reuse" / "logs" / "detector_source.json").read_text())
+    assert log["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    other = TrainConfig.tiny()
+    other.detector_base = 6  # another architecture: refused with one line
+    other.detector_weights = str(src)
+    with pytest.raises(InputError, match="does not fit a UNet3D"):
+        Run(tmp_path / "bad", other).train_detector()
+    other.detector_weights = str(tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="not a file"):
+        Run(tmp_path / "bad2", other).train_detector()

@@ -49,6 +49,14 @@ class TrainConfig:
     #: Extra validation subjects, simulated only to choose the operating point (with the
     #: ``n_val`` of pool B); they add no training patch.
     n_val_extra: int = 24
+    #: Extra discriminator training subjects (seeds after pool B's): more candidate patches for
+    #: the teacher and the students. The detector never sees them; validation is unchanged.
+    n_pool_b_extra: int = 0
+    #: A trained detector to reuse instead of training one (a ``.pt`` state dict of the same
+    #: architecture, e.g. the bundled ``detector.pt``): the detector phase copies it into the
+    #: run and records its sha256, and pool A is not simulated. Discriminator experiments then
+    #: change nothing but the discriminator.
+    detector_weights: str = ""
     sim_config: dict = field(default_factory=dict)   # SimulationConfig overrides
     #: SimulationConfig overrides for pool A only (the detector's subjects), on top of
     #: ``sim_config``: e.g. ``{"cmb_dark_context": 0.5}`` places half of its CMBs against a
@@ -133,7 +141,8 @@ class TrainConfig:
 LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "detector_surface_mm": 8.0, "detector_surface_extra": 0,
                    "detector_tube_prob": 0.0, "detector_context_fraction": 0.15,
-                   "detector_context_extra": 0, "detector_sim_config": {}}
+                   "detector_context_extra": 0, "detector_sim_config": {},
+                   "n_pool_b_extra": 0, "detector_weights": ""}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 DATA_MODULES = ("simulation", "anatomy", "preprocessing", "radial_symmetry", "volume")
@@ -150,12 +159,18 @@ def data_version() -> dict:
 
 def subject_seeds(cfg: TrainConfig) -> dict:
     """Subject seeds per split; splits are by subject, never by patch."""
+    limits = {"n_pool_a": 500, "n_pool_b": 100, "n_pool_b_extra": 200, "n_val_extra": 100,
+              "n_test": 100}
+    for k, most in limits.items():
+        if not 0 <= getattr(cfg, k) <= most:  # the seed ranges below would overlap
+            raise InputError(f"{k} must be between 0 and {most}")
     s = cfg.seed * 1000
     a = [s + i for i in range(cfg.n_pool_a)]
     b = [s + 500 + i for i in range(cfg.n_pool_b)]
+    e = [s + 600 + i for i in range(cfg.n_pool_b_extra)]
     t = [s + 900 + i for i in range(cfg.n_test)]
     v = [s + 800 + i for i in range(cfg.n_val_extra)]
-    return {"pool_a": a, "pool_b_train": b[:cfg.n_pool_b - cfg.n_val],
+    return {"pool_a": a, "pool_b_train": b[:cfg.n_pool_b - cfg.n_val] + e,
             "pool_b_val": b[cfg.n_pool_b - cfg.n_val:], "val_extra": v, "test": t}
 
 
@@ -418,6 +433,11 @@ class Run:
     def case_path(self, seed: int, modality: str) -> Path:
         return self.path("cases", f"sub-{seed}_{modality}.npz")
 
+    def data_splits(self) -> tuple:
+        """The training splits to simulate: pool A only when a detector is to be trained."""
+        splits = ("pool_b_train", "pool_b_val", "val_extra")
+        return splits if self.cfg.detector_weights else ("pool_a",) + splits
+
     def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val", "val_extra")):
         """Simulate training subjects and prepare each modality like inference does."""
         from .settings import DetectionSettings
@@ -482,6 +502,9 @@ class Run:
         out = self.path("weights", "detector.pt")
         if out.exists():
             return
+        if self.cfg.detector_weights:
+            self._reuse_detector(out)
+            return
         img, lab, kind = self.detector_bank()
         pos = np.flatnonzero(kind == 1)
         neg = np.flatnonzero(kind == 0)
@@ -505,6 +528,32 @@ class Run:
                    restarts=cfg.detector_restarts)
         torch.save(model.state_dict(), out)
         self.path("logs", "detector_loss.json").write_text(json.dumps(hist))
+
+    def _reuse_detector(self, out: Path) -> None:
+        """Copy ``detector_weights`` into the run after checking that it loads into this
+        run's detector architecture; its sha256 goes to ``logs/detector_source.json``."""
+        import hashlib
+        import shutil
+
+        import torch
+
+        from .networks import build
+
+        src = Path(self.cfg.detector_weights)
+        if not src.is_file():
+            raise InputError(f"detector_weights: {src} is not a file")
+        try:
+            build("UNet3D", self.detector_config()).load_state_dict(
+                torch.load(src, weights_only=True))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise InputError(f"detector_weights: {src} does not fit a UNet3D of base "
+                             f"{self.cfg.detector_base}: {str(exc).splitlines()[0]}") from None
+        tmp = out.with_suffix(".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, out)
+        sha = hashlib.sha256(out.read_bytes()).hexdigest()
+        self.path("logs", "detector_source.json").write_text(
+            json.dumps({"copied_from": str(src), "sha256": sha}, indent=1))
 
     def load(self, name: str, arch: str, config: dict):
         import torch
@@ -1009,7 +1058,7 @@ def run_training(run_dir, cfg: TrainConfig, models_dir=None, phases=PHASES) -> d
     for phase in phases:
         t = time.perf_counter()
         if phase == "data":
-            run.build_cases()
+            run.build_cases(run.data_splits())
         elif phase == "detector":
             run.train_detector()
         elif phase == "candidates":
