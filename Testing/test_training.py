@@ -438,3 +438,21 @@ def test_reused_detector_is_copied_checked_and_skips_pool_a(tiny_run, tmp_path):
     other.detector_weights = str(tmp_path / "missing.pt")
     with pytest.raises(InputError, match="not a file"):
         Run(tmp_path / "bad2", other).train_detector()
+
+
+def test_student_without_distillation_needs_no_teacher(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "noteacher"
+    shutil.copytree(tiny_run[0], run)
+    for name in ("teacher", "student_nokd"):
+        (run / "weights" / f"{name}.pt").unlink()
+    shutil.rmtree(run / "ckpt")
+    r = Run(run, TrainConfig.tiny())
+    r.train_student(False)  # may run beside the teacher's training
+    a = torch.load(run / "weights" / "student_nokd.pt", weights_only=True)
+    b = torch.load(tiny_run[0] / "weights" / "student_nokd.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same init and batches as before
+    (run / "weights" / "student.pt").unlink()
+    with pytest.raises(FileNotFoundError):
+        r.train_student(True)  # distillation does need the teacher

@@ -579,8 +579,9 @@ class Run:
             rng = np.random.default_rng(self.cfg.seed + 4)
             xs, segs, cls, subj, rows = [], [], [], [], []
             splits = [("pool_b_train", 0), ("pool_b_val", 1)]
-            todo = [(v, c) for sp, v in splits for c in self.cases(sp)]
-            for n, (is_val, case, tab) in enumerate(self._tables(todo, "candidates")):
+            todo = ((v, c) for sp, v in splits for c in self.cases(sp))  # one case in RAM
+            total = sum(len(self.seeds[sp]) for sp, _ in splits) * len(self.cfg.modalities)
+            for n, (is_val, case, tab) in enumerate(self._tables(todo, total, "candidates")):
                 rows.append(_candidate_row(case, tab, is_val))
                 x, s, c = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
                 xs.append(x), segs.append(s), cls.append(c)
@@ -590,13 +591,16 @@ class Run:
             self.path("banks", "candidates.json").write_text(json.dumps(rows))
         extra = self.path("banks", "val_extra.json")
         if self.cfg.n_val_extra and not extra.exists():
-            todo = [(1, c) for c in self.cases("val_extra")]
+            todo = ((1, c) for c in self.cases("val_extra"))
+            total = len(self.seeds["val_extra"]) * len(self.cfg.modalities)
             rows = [_candidate_row(case, tab, 1)
-                    for _, case, tab in self._tables(todo, "validation candidates")]
+                    for _, case, tab in self._tables(todo, total, "validation candidates")]
             extra.write_text(json.dumps(rows))
 
-    def _tables(self, todo, label: str):
-        """(is_val, case, candidate table) for each (is_val, case), with a progress bar."""
+    def _tables(self, todo, total: int, label: str):
+        """(is_val, case, candidate table) for each (is_val, case) of the iterable ``todo``
+        (``total`` of them), with a progress bar. Cases stream: a list of them all held every
+        scan of pool B in memory at once (16 GB with 72 training subjects)."""
         from .settings import DetectionSettings
         from .training_data import candidate_table
 
@@ -605,7 +609,7 @@ class Run:
         bar = ProgressBar(label)
         for n, (is_val, case) in enumerate(todo):
             yield is_val, case, candidate_table(case, det, settings)
-            bar((n + 1) / len(todo), case.name)
+            bar((n + 1) / total, case.name)
         bar.close()
 
     def validation_rows(self) -> list:
@@ -671,19 +675,21 @@ class Run:
     def train_student(self, distil: bool):
         import torch
 
-        from .networks import Student, Teacher
+        from .networks import Student
 
         name = "student" if distil else "student_nokd"
         out = self.path("weights", f"{name}.pt")
         if out.exists():
             return
         x, seg, cls = self.disc_bank(False)
-        teacher = self.load("teacher", "Teacher", self.teacher_config())
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        alpha = self.cfg.kd_alpha if distil else 0.0
+        teacher = None  # the student without distillation needs no teacher (nor waits for one)
+        if alpha > 0:
+            teacher = self.load("teacher", "Teacher", self.teacher_config())
+            for p in teacher.parameters():
+                p.requires_grad_(False)
         _set_seed(self.cfg.seed + 7)  # same init and batches with and without distillation
         model = Student(**self.student_config())
-        alpha = self.cfg.kd_alpha if distil else 0.0
 
         def loss_fn(m, batch):
             xb, _, cb = batch
