@@ -193,11 +193,14 @@ def test_cases_from_another_simulator_version_refused(tiny_run, tmp_path):
 
 
 def test_operating_point_is_chosen_on_validation_with_min_volume(tiny_run):
-    from CMBDetectorLib.training import MIN_VOLUME_CHOICES_MM3, STUDENT_THRESHOLDS
+    from CMBDetectorLib.training import (EDGE_DISTANCE_CHOICES_MM, MIN_VOLUME_CHOICES_MM3,
+                                         STUDENT_THRESHOLDS)
 
     op = json.loads((tiny_run[0] / "operating_point.json").read_text())
     assert op["min_volume_mm3"] in MIN_VOLUME_CHOICES_MM3
-    assert len(op["grid"]) == len(STUDENT_THRESHOLDS) * len(MIN_VOLUME_CHOICES_MM3)
+    assert op["min_edge_distance_mm"] in EDGE_DISTANCE_CHOICES_MM
+    assert len(op["grid"]) == (len(STUDENT_THRESHOLDS) * len(MIN_VOLUME_CHOICES_MM3)
+                               * len(EDGE_DISTANCE_CHOICES_MM))
     assert {g["threshold"] for g in op["grid"]} >= {0.05, 0.5, 0.9, 0.94, 0.99}
     # the chosen point is the best feasible one of the whole grid
     feasible = [g for g in op["grid"] if g["fp_per_scan"] <= TrainConfig.tiny().max_fp_per_subject]
@@ -209,6 +212,11 @@ def test_operating_point_is_chosen_on_validation_with_min_volume(tiny_run):
     assert chosen
     manifest = json.loads((tiny_run[1] / "manifest.json").read_text())
     assert manifest["inference"]["min_volume_mm3"] == op["min_volume_mm3"]
+    assert manifest["inference"]["min_edge_distance_mm"] == op["min_edge_distance_mm"]
+    from CMBDetectorLib.detection import default_settings
+    from CMBDetectorLib.models import load_bundle
+    settings = default_settings(load_bundle(tiny_run[1], device="cpu"))
+    assert settings.min_edge_distance_mm == op["min_edge_distance_mm"]  # detect() applies it
     # one threshold per modality (the tiny run's default), each taken from the grid
     assert set(op["modality_thresholds"]) == set(TrainConfig.tiny().modalities)
     assert manifest["inference"]["modality_thresholds"] == op["modality_thresholds"]
@@ -456,3 +464,23 @@ def test_student_without_distillation_needs_no_teacher(tiny_run, tmp_path):
     (run / "weights" / "student.pt").unlink()
     with pytest.raises(FileNotFoundError):
         r.train_student(True)  # distillation does need the teacher
+
+
+def test_edge_distance_is_chosen_on_validation_when_it_keeps_more_cmbs(tmp_path):
+    from CMBDetectorLib.training import EDGE_DISTANCE_CHOICES_MM, grid_point, operating_counts
+
+    # QSM: one confident CMB 2.2 mm from the mask edge, which the 3 mm rule removes.
+    row, probs = _row("qsm", [0.97, 0.95], [0.3])
+    row["edge_mm"] = [10.0, 2.2, 10.0]
+    for choose, edge, tpr in ((True, 2.0, 1.0), (False, 3.0, 0.5)):
+        edges = EDGE_DISTANCE_CHOICES_MM if choose else (3.0,)
+        counts = operating_counts([row], [probs], cand_t=0.1, edges=edges)
+        grid = [grid_point(c, cl, t) for (cl, t, m), c in counts.items() if m is None]
+        cfg = TrainConfig.tiny()
+        cfg.choose_edge_distance = choose
+        run = Run(tmp_path / str(choose), cfg)
+        op = run._per_modality(counts, grid)
+        # the largest distance that keeps it (ties prefer the stricter rule)
+        assert op["min_edge_distance_mm"] == edge
+        assert op["validation_tpr_estimate"] == tpr
+        assert run._best(grid)["min_edge_distance_mm"] == edge

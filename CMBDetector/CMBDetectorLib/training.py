@@ -112,6 +112,11 @@ class TrainConfig:
     #: One student threshold per modality, each within ``max_fp_per_subject`` on that
     #: modality's validation scans (False: one threshold for all).
     per_modality_thresholds: bool = True
+    #: Choose the clean-up's brain-edge distance on validation too (from
+    #: ``EDGE_DISTANCE_CHOICES_MM``, shared by all modalities like the minimum volume); False
+    #: keeps the engine's default of 3 mm (the bundled set's). On QSM, whose mask ends at the
+    #: cortex, 3 mm removed 8 of 254 validation CMBs; see the README's experiments.
+    choose_edge_distance: bool = False
     threads: int = 0              # torch threads (0 = all cores)
     checkpoint_every: int = 250
 
@@ -133,7 +138,7 @@ class TrainConfig:
                    teacher_steps=4,
                    disc_batch=4, checkpoint_every=2,
                    sim_config={"roi_mm": 64.0, "spacing_mm": (1.0, 1.0, 1.5)},
-                   pool_n_cmbs=(3, 4))
+                   pool_n_cmbs=(3, 4), choose_edge_distance=True)
 
 
 #: Settings added after run folders existed, with the value that reproduces a folder made
@@ -142,7 +147,8 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "detector_surface_mm": 8.0, "detector_surface_extra": 0,
                    "detector_tube_prob": 0.0, "detector_context_fraction": 0.15,
                    "detector_context_extra": 0, "detector_sim_config": {},
-                   "n_pool_b_extra": 0, "detector_weights": ""}
+                   "n_pool_b_extra": 0, "detector_weights": "",
+                   "choose_edge_distance": False}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 DATA_MODULES = ("simulation", "anatomy", "preprocessing", "radial_symmetry", "volume")
@@ -738,13 +744,19 @@ class Run:
             if (tp_pmax > t).sum() / n_truth >= self.cfg.target_candidate_tpr:
                 cand_t = float(round(t, 2))
                 break
-        # 2. student threshold and clean-up minimum volume.
-        counts = operating_counts(rows, probs, cand_t)
-        grid = sorted((grid_point(c, v, thr) for (v, thr, mod), c in counts.items()
-                       if mod is None), key=lambda g: (g["min_volume_mm3"], g["threshold"]))
+        # 2. student threshold and the clean-up's minimum volume and edge distance.
+        from .settings import DetectionSettings
+
+        edges = (EDGE_DISTANCE_CHOICES_MM if self.cfg.choose_edge_distance
+                 else (DetectionSettings().min_edge_distance_mm,))
+        counts = operating_counts(rows, probs, cand_t, edges)
+        grid = sorted((grid_point(c, clean, thr) for (clean, thr, mod), c in counts.items()
+                       if mod is None), key=lambda g: (g["min_volume_mm3"],
+                                                       -g["min_edge_distance_mm"], g["threshold"]))
         best = self._best(grid)
         op = {"candidate_threshold": cand_t, "threshold": best["threshold"],
               "min_volume_mm3": best["min_volume_mm3"],
+              "min_edge_distance_mm": best["min_edge_distance_mm"],
               "validation_tpr_estimate": best["tpr"],
               "validation_fp_per_scan_estimate": best["fp_per_scan"],
               "validation_candidate_tpr": round(float((tp_pmax > cand_t).sum() / n_truth), 4),
@@ -757,34 +769,35 @@ class Run:
 
     def _best(self, grid: list) -> dict:
         """The grid point with the most true CMBs within the false-positive budget (then fewer
-        false positives, then the smaller minimum volume)."""
+        false positives, then the smaller minimum volume, then the larger edge distance)."""
         return max(grid, key=lambda g: (g["fp_per_scan"] <= self.cfg.max_fp_per_subject,
-                                        g["tpr"], -g["fp_per_scan"], -g["min_volume_mm3"]))
+                                        g["tpr"], -g["fp_per_scan"], -g["min_volume_mm3"],
+                                        g["min_edge_distance_mm"]))
 
     def _per_modality(self, counts: dict, grid: list) -> dict:
         """One student threshold per modality, each within the budget on its own scans; the
-        shared ``threshold`` (for a modality without its own) is re-chosen at the minimum
-        volume they settle on."""
+        shared ``threshold`` (for a modality without its own) is re-chosen at the clean-up
+        setting (minimum volume, edge distance) they settle on."""
         mods = sorted({mod for (_, _, mod) in counts if mod is not None})
-        best_vol, best_key, chosen = None, None, {}
-        for min_vol in MIN_VOLUME_CHOICES_MM3:
-            picks = {m: self._best([grid_point(c, v, thr) for (v, thr, mm), c in counts.items()
-                                    if mm == m and v == min_vol])
+        best_clean, best_key, chosen = None, None, {}
+        for clean in sorted({k[0] for k in counts}):
+            picks = {m: self._best([grid_point(c, cl, thr) for (cl, thr, mm), c in counts.items()
+                                    if mm == m and cl == clean])
                      for m in mods}
-            tp = sum(counts[(min_vol, p["threshold"], m)]["tp"] for m, p in picks.items())
-            fp = sum(counts[(min_vol, p["threshold"], m)]["fp"] for m, p in picks.items())
+            tp = sum(counts[(clean, p["threshold"], m)]["tp"] for m, p in picks.items())
+            fp = sum(counts[(clean, p["threshold"], m)]["fp"] for m, p in picks.items())
             within = all(p["fp_per_scan"] <= self.cfg.max_fp_per_subject for p in picks.values())
-            key = (within, tp, -fp, -min_vol)
+            key = (within, tp, -fp, -clean[0], clean[1])
             if best_key is None or key > best_key:
-                best_vol, best_key, chosen = min_vol, key, picks
-        tot = {k: sum(counts[(best_vol, p["threshold"], m)][k] for m, p in chosen.items())
+                best_clean, best_key, chosen = clean, key, picks
+        tot = {k: sum(counts[(best_clean, p["threshold"], m)][k] for m, p in chosen.items())
                for k in ("tp", "fp", "n_truth", "scans")}
         out = {"modality_thresholds": {m: p["threshold"] for m, p in chosen.items()},
                "validation_by_modality": {m: {"tpr": p["tpr"], "fp_per_scan": p["fp_per_scan"]}
                                           for m, p in chosen.items()}}
-        out["min_volume_mm3"] = best_vol
-        out["threshold"] = self._best([g for g in grid
-                                       if g["min_volume_mm3"] == best_vol])["threshold"]
+        out["min_volume_mm3"], out["min_edge_distance_mm"] = best_clean
+        out["threshold"] = self._best([g for g in grid if (g["min_volume_mm3"],
+                                       g["min_edge_distance_mm"]) == best_clean])["threshold"]
         out["validation_tpr_estimate"] = round(tot["tp"] / max(1, tot["n_truth"]), 4)
         out["validation_fp_per_scan_estimate"] = round(tot["fp"] / max(1, tot["scans"]), 3)
         return out
@@ -817,7 +830,8 @@ class Run:
             "teacher": {"architecture": "Teacher", "config": self.teacher_config(),
                         "parameters": teacher_params, "shipped": False},
             "inference": {**{k: op[k] for k in ("candidate_threshold", "threshold",
-                                                "modality_thresholds", "min_volume_mm3")
+                                                "modality_thresholds", "min_volume_mm3",
+                                                "min_edge_distance_mm")
                              if k in op},
                           "mirrored_scoring": True},  # as score_validation chose it
             "training": {"command": "cmbdetector train --run-dir runs/main --export",
@@ -1011,23 +1025,27 @@ def record_test_metrics(models_dir, report: dict) -> None:
 #: single-voxel candidates; a 2 mm sphere is 4.2 mm^3).
 MIN_VOLUME_CHOICES_MM3 = (1.0, 2.0, 3.0, 4.0, 5.0)
 
+#: Clean-up brain-edge distances tried on validation (``choose_edge_distance``).
+EDGE_DISTANCE_CHOICES_MM = (3.0, 2.0, 1.5, 1.0)
+
 #: Student thresholds tried on validation: steps of 0.05, and of 0.01 above 0.9, where a
 #: confident student's false positives thin out fastest (0.90 -> 0.95 once halved them).
 STUDENT_THRESHOLDS = tuple(sorted(set(np.round(np.arange(0.05, 0.96, 0.05), 2).tolist())
                                   | {0.91, 0.92, 0.93, 0.94, 0.96, 0.97, 0.98, 0.99}))
 
 
-def operating_counts(rows: list, probs: list, cand_t: float) -> dict:
+def operating_counts(rows: list, probs: list, cand_t: float, edges=(3.0,)) -> dict:
     """True and false positives after clean-up on validation candidate rows, for every
-    (minimum volume, student threshold) of the search grid, keyed ``(min_vol, thr, modality)``
-    with modality None for all scans; each value holds ``tp``, ``fp``, ``n_truth`` and
-    ``scans``."""
+    clean-up setting ``(min_vol, edge_mm)`` (``edges`` x ``MIN_VOLUME_CHOICES_MM3``) and student
+    threshold of the search grid, keyed ``((min_vol, edge_mm), thr, modality)`` with modality
+    None for all scans; each value holds ``tp``, ``fp``, ``n_truth`` and ``scans``."""
     from .cleanup import verdicts
     from .settings import DetectionSettings
 
     counts = {}
-    for min_vol in MIN_VOLUME_CHOICES_MM3:
-        base = DetectionSettings(candidate_threshold=cand_t, min_volume_mm3=min_vol)
+    for clean in ((v, float(e)) for v in MIN_VOLUME_CHOICES_MM3 for e in edges):
+        base = DetectionSettings(candidate_threshold=cand_t, min_volume_mm3=clean[0],
+                                 min_edge_distance_mm=clean[1])
         for r, p in zip(rows, probs):
             reasons = verdicts(r["volume_mm3"], r["elongation"], r["voxels"], r["edge_mm"],
                                base)
@@ -1037,7 +1055,7 @@ def operating_counts(rows: list, probs: list, cand_t: float) -> dict:
             for thr in STUDENT_THRESHOLDS:
                 kept = ok & (p >= thr)
                 for mod in (None, r["modality"]):
-                    c = counts.setdefault((min_vol, thr, mod),
+                    c = counts.setdefault((clean, thr, mod),
                                           {"tp": 0, "fp": 0, "n_truth": 0, "scans": 0})
                     c["tp"] += int((kept & is_cmb).sum())
                     c["fp"] += int((kept & ~is_cmb).sum())
@@ -1046,9 +1064,10 @@ def operating_counts(rows: list, probs: list, cand_t: float) -> dict:
     return counts
 
 
-def grid_point(c: dict, min_vol: float, thr: float) -> dict:
-    """One grid point of the operating-point search, from its counts."""
-    return {"min_volume_mm3": min_vol, "threshold": float(thr),
+def grid_point(c: dict, clean: tuple, thr: float) -> dict:
+    """One grid point of the operating-point search, from its counts (``clean`` is the
+    clean-up's ``(min_volume_mm3, min_edge_distance_mm)``)."""
+    return {"min_volume_mm3": clean[0], "min_edge_distance_mm": clean[1], "threshold": float(thr),
             "tpr": round(c["tp"] / max(1, c["n_truth"]), 4),
             "fp_per_scan": round(c["fp"] / max(1, c["scans"]), 3)}
 
