@@ -6,7 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from CMBDetectorLib.inference import (MIRRORS, extract_candidates, extract_patches,
-                                      predict_volume, score_candidates, tile_starts)
+                                      fitted_tile, predict_volume, score_candidates,
+                                      tile_starts)
 from CMBDetectorLib.networks import Student, Teacher, UNet3D, count_parameters
 
 
@@ -15,6 +16,27 @@ def test_tile_starts_cover_with_overlap():
     assert s[0] == 0 and s[-1] == 60
     assert all(b - a <= 30 for a, b in zip(s, s[1:]))
     assert tile_starts(30, 40, 10) == [0]
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(155, 192, 29), (184, 128, 19), (300, 128, 19),
+                                                 (129, 128, 19), (500, 96, 24)])
+def test_fitted_tiles_are_as_few_and_small_as_possible(length, tile, overlap):
+    size = fitted_tile(length, tile, overlap)
+    starts = tile_starts(length, size, overlap)
+    assert size <= tile and starts[0] == 0 and starts[-1] + size == length
+    assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))  # covered, overlapping
+    assert len(starts) == len(tile_starts(length, tile, overlap))           # no extra tile
+    if len(starts) > 1:                                                     # one voxel less fails
+        assert (length + (len(starts) - 1) * overlap) > len(starts) * (size - 1)
+
+
+def test_a_volume_within_one_tile_runs_whole():
+    torch.manual_seed(0)
+    net = UNet3D(2, 4).eval()
+    x = np.random.default_rng(1).normal(0, 1, (2, 20, 24, 28)).astype(np.float32)
+    with torch.no_grad():
+        direct = torch.softmax(net(torch.from_numpy(x[None])), 1)[0, 1].numpy()
+    np.testing.assert_array_equal(predict_volume(net, x, tile=28), direct)
 
 
 def test_sliding_window_has_no_seams():
