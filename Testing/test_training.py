@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,12 @@ def test_tiny_run_exports_manifest_with_real_hashes(tiny_run):
         assert (run / "weights" / f"{name}.pt").exists()
     op = json.loads((run / "operating_point.json").read_text())
     assert 0 <= op["threshold"] <= 1
+    # The recorded command reproduces the run: defaults plus exactly these overrides.
+    tr = m["training"]
+    assert "--config" in tr["command"] and tr["overrides"]["choose_edge_distance"] is True
+    cfg = asdict(TrainConfig())
+    cfg.update(tr["overrides"])
+    assert json.loads(json.dumps(cfg)) == json.loads(json.dumps(tr["config"]))
 
 
 def test_splits_are_by_subject():

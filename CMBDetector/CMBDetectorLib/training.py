@@ -821,6 +821,9 @@ class Run:
             entries[role] = {"file": f"{name}.pt", "architecture": arch, "config": conf,
                              "parameters": count_parameters(build(arch, conf))}
         teacher_params = count_parameters(build("Teacher", self.teacher_config()))
+        default = json.loads(json.dumps(asdict(TrainConfig())))
+        overrides = {k: v for k, v in json.loads(json.dumps(asdict(self.cfg))).items()
+                     if default.get(k) != v}  # what --config must hold to reproduce them
         manifest = {
             "version": f"{__version__}+sim{self.cfg.seed}",
             "modalities": list(self.cfg.modalities),
@@ -834,7 +837,9 @@ class Run:
                                                 "min_edge_distance_mm")
                              if k in op},
                           "mirrored_scoring": True},  # as score_validation chose it
-            "training": {"command": "cmbdetector train --run-dir runs/main --export",
+            "training": {"command": "cmbdetector train --run-dir runs/main --export"
+                                    + (" --config OVERRIDES.json" if overrides else ""),
+                         "overrides": overrides,
                          "config": asdict(self.cfg),
                          "data": "simulated subjects (CMBDetectorLib.simulation) on MNI152 "
                                  "anatomy; splits by subject: " +
