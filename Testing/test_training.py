@@ -157,7 +157,8 @@ def test_tiny_run_exports_manifest_with_real_hashes(tiny_run):
     assert 0 <= op["threshold"] <= 1
     # The recorded command reproduces the run: defaults plus exactly these overrides.
     tr = m["training"]
-    assert "--config" in tr["command"] and tr["overrides"]["choose_edge_distance"] is True
+    assert "--config" in tr["command"] and tr["overrides"]["n_pool_a"] == 2
+    assert "choose_edge_distance" not in tr["overrides"]  # the tiny run keeps that default
     cfg = asdict(TrainConfig())
     cfg.update(tr["overrides"])
     assert json.loads(json.dumps(cfg)) == json.loads(json.dumps(tr["config"]))
@@ -419,7 +420,7 @@ def test_detector_sim_config_reaches_pool_a_only(tmp_path, monkeypatch):
 
 
 def test_extra_discriminator_subjects_join_training_only():
-    base = subject_seeds(TrainConfig())
+    base = subject_seeds(TrainConfig(n_pool_b_extra=0))
     cfg = TrainConfig(n_pool_b_extra=5)
     s = subject_seeds(cfg)
     extra = s["pool_b_train"][len(base["pool_b_train"]):]

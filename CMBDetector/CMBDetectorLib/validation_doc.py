@@ -112,14 +112,18 @@ def build(run_dir, docs_dir) -> str:
         "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     st = ev["student"]
+    train = manifest.get("training", {})
     L = ["# Validation of the bundled CMBDetector models", "",
          "**Trained and tested on simulated lesions only. Not validated on clinical data. Not "
          "for diagnostic use.** Numbers below measure how well the models find simulated "
          "microbleeds among simulated mimics; real scans have anatomy, vessels, noise and "
          "artefacts the simulator does not reproduce, so expect lower numbers on them.", "",
          "## How these numbers were produced", "",
-         f"- Command: `cmbdetector train --run-dir runs/main --export` (seed {cfg['seed']}), then "
-         "`python -m CMBDetectorLib.validation_doc runs/main docs`.",
+         f"- Command: `{train.get('command', 'cmbdetector train --run-dir runs/main --export')}`"
+         f" (seed {cfg['seed']})"
+         + (f" with `OVERRIDES.json` = `{json.dumps(train['overrides'])}`"
+            if train.get("overrides") else "")
+         + ", then `python -m CMBDetectorLib.validation_doc runs/main docs`.",
          f"- Data: simulated subjects (`CMBDetectorLib.simulation`), split by subject: "
          f"{cfg['n_pool_a']} detector-training subjects, {cfg['n_pool_b']} discriminator "
          f"subjects (of which {cfg['n_val']} chose the operating point"
@@ -134,7 +138,8 @@ def build(run_dir, docs_dir) -> str:
          "`cmbdetector detect`) with the bundled weights at their operating point "
          f"(candidate threshold {op['candidate_threshold']}, student threshold "
          f"{_student_thresholds(op)}, clean-up minimum volume "
-         f"{op.get('min_volume_mm3', 2.0)} mm³"
+         f"{op.get('min_volume_mm3', 2.0)} mm³ and brain-edge distance "
+         f"{op.get('min_edge_distance_mm', 3.0)} mm"
          + ("; each classifier's probability is the mean over the patch's eight mirror images"
             if manifest.get("inference", {}).get("mirrored_scoring") else "")
          + "), and was scored by `cmbdetector evaluate`.",
