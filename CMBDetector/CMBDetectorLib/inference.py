@@ -29,10 +29,8 @@ def fitted_tile(length: int, tile: int, overlap: int) -> int:
     Tiles of a fixed edge waste work on an axis just longer than the edge: two 128-voxel tiles
     on a 155-voxel axis overlap by 101 voxels, and a 155x184x144 brain costs 8 tiles of 128^3,
     four times its own voxels."""
-    if length <= tile:
-        return length
-    n = int(np.ceil((length - overlap) / (tile - overlap)))
-    return min(tile, int(np.ceil((length + (n - 1) * overlap) / n)))
+    n = len(tile_starts(length, tile, overlap))
+    return min(tile, length, int(np.ceil((length + (n - 1) * overlap) / n)))
 
 
 def _blend_window(shape, sigma_frac: float = 0.25) -> np.ndarray:
@@ -80,20 +78,18 @@ def predict_volume(net, channels: np.ndarray, tile: int = 192, overlap: float = 
     (:func:`fitted_tile`), blended with Gaussian weights.
     """
     shape = channels.shape[1:]
-    if max(shape) <= tile:
-        if progress is not None:
-            progress(0.0)
+    ov = max(8, int(round(tile * overlap)))
+    sizes = [fitted_tile(s, tile, ov) for s in shape]
+    starts = [tile_starts(s, z, ov) for s, z in zip(shape, sizes)]
+    jobs = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    if len(jobs) == 1:  # the whole volume: nothing to blend
         p = run_with_fallback(_forward_probability, net, np.ascontiguousarray(channels))
         if progress is not None:
             progress(1.0)
         return p
-    ov = max(8, int(round(tile * overlap)))
-    sizes = [fitted_tile(s, tile, ov) for s in shape]
-    starts = [tile_starts(s, z, ov) for s, z in zip(shape, sizes)]
     window = _blend_window(sizes)
     acc = np.zeros(shape, np.float32)
     wsum = np.zeros(shape, np.float32)
-    jobs = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     for n, (a, b, c) in enumerate(jobs):
         if cancel is not None and cancel():
             raise Cancelled("detection cancelled")
