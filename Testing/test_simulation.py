@@ -259,3 +259,36 @@ def test_dark_context_zero_is_the_natural_placement():
     b = simulate_subject(7, SimulationConfig(cmb_dark_context=0.0, **cfg))
     assert json.dumps(a.truth) == json.dumps(b.truth)
     assert np.array_equal(a.images["swi"].array, b.images["swi"].array)
+
+
+def test_min_visible_diameter_redraws_cmbs_too_faint_to_see():
+    # 1.5 T, short TE, thick slices: many drawn sources leave no visible footprint
+    cfg = dict(roi_mm=50.0, spacing_mm=(1.0, 1.0, 2.5), te_ms=15.0, b0_t=1.5, n_cmbs=8,
+               noise=False, bias=False)
+    vox = 2.5
+
+    def diameters(min_d):
+        out = []
+        for seed in (0, 1, 2):
+            s = simulate_subject(seed, SimulationConfig(min_visible_diameter_mm=min_d, **cfg))
+            lab = s.cmb_labels.array
+            for c in s.truth["cmbs"]:
+                n_lab = int((lab == c["label"]).sum())
+                # the labelled footprint holds at least the attenuated voxels
+                assert n_lab * vox * 1.01 >= 4 / 3 * np.pi * (c["visible_diameter_mm"] / 2) ** 3
+                out.append(c["visible_diameter_mm"])
+            assert s.truth["params"]["min_visible_diameter_mm"] == min_d
+        return np.array(out)
+
+    natural, rated = diameters(0.0), diameters(2.0)
+    assert np.any(natural < 2.0)
+    assert len(rated) >= 0.9 * len(natural) and np.all(rated >= 2.0)
+
+
+def test_min_visible_diameter_leaves_explicit_cmbs_alone():
+    spec = [dict(centre_ras=CENTRE, radius_mm=0.3, chi_ppm=0.3)]
+    s = simulate_subject(0, clean(te_ms=15.0, b0_t=1.5, spacing_mm=(1.0, 1.0, 2.0),
+                                  cmb_specs=spec, min_visible_diameter_mm=2.0))
+    assert len(s.truth["cmbs"]) == 1
+    c = s.truth["cmbs"][0]
+    assert c["radius_mm"] == 0.3 and c["visible_diameter_mm"] < 2.0

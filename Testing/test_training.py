@@ -492,3 +492,21 @@ def test_edge_distance_is_chosen_on_validation_when_it_keeps_more_cmbs(tmp_path)
         assert op["min_edge_distance_mm"] == edge
         assert op["validation_tpr_estimate"] == tpr
         assert run._best(grid)["min_edge_distance_mm"] == edge
+
+
+def test_parallel_data_phase_writes_the_same_cases(tmp_path):
+    cfg = TrainConfig.tiny()
+    seeds = subject_seeds(cfg)["pool_b_train"] + subject_seeds(cfg)["pool_b_val"]
+    made = {}
+    for jobs in (1, 2):
+        run = Run(tmp_path / f"jobs{jobs}", cfg)
+        run.jobs = jobs
+        run.seeds = {**run.seeds, "pool_b_train": seeds}  # two subjects, two processes
+        run.build_cases(("pool_b_train",))
+        made[jobs] = sorted((tmp_path / f"jobs{jobs}" / "cases").glob("*.npz"))
+    assert [p.name for p in made[1]] == [p.name for p in made[2]]
+    assert len(made[1]) == 2 * len(cfg.modalities)
+    for a, b in zip(made[1], made[2]):
+        za, zb = np.load(a), np.load(b)
+        assert za.files == zb.files
+        assert all(np.array_equal(za[k], zb[k]) for k in za.files)

@@ -83,6 +83,11 @@ class SimulationConfig:
     #: use it so the detector sees enough CMBs touching a dark band; 0 keeps the natural
     #: placement (and the random stream) of the test split.
     cmb_dark_context: float = 0.0
+    #: Rater criterion (Greenberg et al. 2009: CMBs of roughly 2-10 mm on the image): a random
+    #: CMB whose attenuated footprint on the GRE has an equivalent-sphere diameter under this
+    #: (mm) is redrawn, so no CMB too faint for the scan's TE, field and voxel size is placed
+    #: and labelled. 0 places every drawn source (labelled at least by its centre voxel).
+    min_visible_diameter_mm: float = 0.0
     veins: bool = True
     vein_density: float = 1.5  # scales the number of pial, medullary and slice-crossing veins
     calcifications: bool = True
@@ -794,23 +799,39 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
         ijk = T.to_ijk(np.asarray(p)[None])[0]
         return np.all(ijk >= margin / spacing) and np.all(ijk <= shape - 1 - margin / spacing)
 
-    def place(centre_ras, radius, chi, rho, rot_axes):
+    def footprint(centre_ras, radius, chi, rho, rot_axes):
+        """The source's signal factor and its labelled footprint; ``seen`` counts the
+        footprint's voxels that are really attenuated (the centre voxel is labelled anyway)."""
         res = _sphere_factor(T, np.asarray(centre_ras, float), radius, rot_axes, chi,
                              phase_per_ppm, b0_dir, rho, cfg.fine_mm)
         if res is None:
             return None
         slb, fac, frac, _ = res
-        sig[slb] *= fac
-        chi_t[slb] += chi * frac
         foot = (np.abs(fac) < 0.6) | (frac >= 0.5)
         ci = np.round(T.to_ijk(np.asarray(centre_ras)[None])[0]).astype(int)
         ci = np.clip(ci, 0, np.array(shape) - 1)
         loc = ci - np.array([s.start for s in slb])
+        forced = 0
         if np.all(loc >= 0) and np.all(loc < np.array(foot.shape)):
+            forced = int(not foot[tuple(loc)])
             foot[tuple(loc)] = True
             lab, _ = ndi.label(foot)
             foot = lab == lab[tuple(loc)]
-        return slb, foot
+        return slb, fac, frac, foot, int(foot.sum()) - forced
+
+    voxel_mm3 = float(np.prod(spacing))
+
+    def visible_diameter(fp) -> float:
+        """Equivalent-sphere diameter (mm) of the attenuated part of a footprint."""
+        return 2.0 * float(np.cbrt(3.0 * fp[4] * voxel_mm3 / (4.0 * np.pi)))
+
+    def draw_source():
+        """Susceptibility and true radius of a random CMB (total chi*V is log-normal)."""
+        chi = float(cfg.cmb_chi_ppm if cfg.cmb_chi_ppm is not None else rng.uniform(0.3, 1.0))
+        if cfg.cmb_radius_mm is not None:
+            return chi, float(cfg.cmb_radius_mm)
+        mom = float(np.exp(rng.normal(np.log(2.2), 0.9)))
+        return chi, float(np.clip(np.cbrt(mom / chi / (4 / 3 * np.pi)), 0.4, 4.0))
 
     specs = []
     if cfg.cmb_specs:
@@ -854,20 +875,29 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
             if any(np.linalg.norm(pr - s["centre_ras"]) < 8 for s in specs):
                 continue
             # total susceptibility chi*V (ppm mm^3) is the randomised quantity
-            chi = float(cfg.cmb_chi_ppm if cfg.cmb_chi_ppm is not None else rng.uniform(0.3, 1.0))
-            if cfg.cmb_radius_mm is not None:
-                rad = float(cfg.cmb_radius_mm)
-            else:
-                mom = float(np.exp(rng.normal(np.log(2.2), 0.9)))
-                rad = float(np.clip(np.cbrt(mom / chi / (4 / 3 * np.pi)), 0.4, 4.0))
+            chi, rad = draw_source()
             specs.append(dict(centre_ras=pr, radius=rad, chi=chi, mni=pm,
-                              axes=_random_ellipsoid(rng, rad)))
+                              axes=_random_ellipsoid(rng, rad), random=True))
+    min_d = float(cfg.min_visible_diameter_mm)
     for s in specs:
-        res = place(s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j, s["axes"])
-        if res is None:
+        fp = footprint(s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j, s["axes"])
+        if fp is None:
             continue
+        if min_d > 0 and s.get("random") and cfg.cmb_radius_mm is None:
+            # a rater marks what the scan shows: redraw a source too faint for this TE, field
+            # and voxel size to leave a visible footprint of min_d (drop it after 50 draws)
+            tries = 0
+            while visible_diameter(fp) < min_d and tries < 50:
+                tries += 1
+                s["chi"], s["radius"] = draw_source()
+                s["axes"] = _random_ellipsoid(rng, s["radius"])
+                fp = footprint(s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j, s["axes"])
+            if visible_diameter(fp) < min_d:
+                continue
+        slb, fac, frac, foot, _ = fp
+        sig[slb] *= fac
+        chi_t[slb] += s["chi"] * frac
         cid = len(cmbs) + 1
-        slb, foot = res
         sub = cmb_lab[slb]
         sub[foot & (sub == 0)] = cid
         cat, reg = category_of(s["mni"])
@@ -876,7 +906,8 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
                          radius_mm=round(float(s["radius"]), 4), chi_ppm=round(s["chi"], 4),
                          total_chi_ppm_mm3=round(s["chi"] * 4 / 3 * np.pi * s["radius"] ** 3, 4),
                          axes_mm=[round(float(v), 3) for v in np.linalg.norm(s["axes"], axis=0)],
-                         category=cat, region=reg, n_label_voxels=int(foot.sum())))
+                         category=cat, region=reg, n_label_voxels=int(foot.sum()),
+                         visible_diameter_mm=round(visible_diameter(fp), 3)))
 
     # calcifications (diamagnetic)
     calcs = []
@@ -900,10 +931,12 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
     for c, rad, chi, site in calcs:
         if not inside_fov(c, 0.0):
             continue
-        res = place(c, rad, chi, 0.15 + 0j, _random_ellipsoid(rng, rad, 1.2))
-        if res is None:
+        fp = footprint(c, rad, chi, 0.15 + 0j, _random_ellipsoid(rng, rad, 1.2))
+        if fp is None:
             continue
-        slb, foot = res
+        slb, fac, frac, foot, _ = fp
+        sig[slb] *= fac
+        chi_t[slb] += chi * frac
         vid = next_id
         next_id += 1
         sub = mim_lab[slb]
@@ -983,6 +1016,7 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
                   homodyne_sigma_mm=cfg.homodyne_sigma_mm,
                   phase_convention="phase = -gamma*dB*TE; paramagnetic -> negative pole phase",
                   cmb_label="visible GRE footprint (>=40% attenuation) + centre voxel",
+                  min_visible_diameter_mm=cfg.min_visible_diameter_mm,
                   simulator="CMBDetectorLib.simulation v1")
     truth = dict(cmbs=cmbs, mimics=mimics, params=params)
     images = {"gre": T.volume(gre, "gre"), "swi": T.volume(swi, "swi"),

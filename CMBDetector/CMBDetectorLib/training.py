@@ -412,6 +412,7 @@ class Run:
         else:
             cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
         self.seeds = subject_seeds(cfg)
+        self.jobs = 1  # processes for simulating subjects (results do not depend on it)
         self._check_data_version()
         if cfg.threads:
             import torch
@@ -447,36 +448,61 @@ class Run:
         return splits if self.cfg.detector_weights else ("pool_a",) + splits
 
     def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val", "val_extra")):
-        """Simulate training subjects and prepare each modality like inference does."""
+        """Simulate training subjects and prepare each modality like inference does; with
+        ``self.jobs`` > 1 in that many processes (each subject depends only on its seed)."""
+        todo = [(sp, s) for sp in splits for s in self.seeds[sp] if self._missing(sp, s)]
+        self._map_subjects(todo, "simulate+prepare")
+
+    def _missing(self, split: str, seed: int) -> bool:
+        if split == "test":
+            return not (self.test_dir() / f"sub-{seed}_truth.json").exists()
+        return any(not self.case_path(seed, m).exists() for m in self.cfg.modalities)
+
+    def _map_subjects(self, todo: list, label: str) -> None:
+        bar = ProgressBar(label)
+        if self.jobs <= 1 or len(todo) <= 1:
+            for n, (split, seed) in enumerate(todo):
+                self.build_subject(split, seed)
+                bar((n + 1) / len(todo), f"sub-{seed}")
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch
+            with ProcessPoolExecutor(min(self.jobs, len(todo)), mp_context=ctx) as pool:
+                futs = {pool.submit(_subject_task, str(self.dir), self.cfg, sp, sd): sd
+                        for sp, sd in todo}
+                for n, fut in enumerate(as_completed(futs)):
+                    fut.result()
+                    bar((n + 1) / len(todo), f"sub-{futs[fut]}")
+        bar.close()
+
+    def build_subject(self, split: str, seed: int) -> None:
+        """Simulate one subject; write its prepared cases (training splits) or its NIfTI scans
+        and ground truth (test split). Files are renamed into place, so a crash leaves none
+        half-written."""
         from .settings import DetectionSettings
         from .simulation import SimulationConfig, simulate_subject, write_subject
         from .training_data import make_case
 
-        todo = [(sp, s) for sp in splits for s in self.seeds[sp]]
-        bar = ProgressBar("simulate+prepare")
+        sim = dict(self.cfg.sim_config)
+        if split == "pool_a":
+            sim.update(self.cfg.detector_sim_config)
+        if split != "test":
+            sim.setdefault("n_cmbs", tuple(self.cfg.pool_n_cmbs))
+        subj = simulate_subject(seed, SimulationConfig(**sim))
+        if split == "test":
+            write_subject(subj, self.test_dir(), f"sub-{seed}", modalities=self.cfg.modalities)
+            return
         settings = DetectionSettings()
-        for n, (split, seed) in enumerate(todo):
-            need = [m for m in self.cfg.modalities if not self.case_path(seed, m).exists()]
-            test_dir = self.path("test_scans", "x").parent
-            if split == "test" and not (test_dir / f"sub-{seed}_truth.json").exists():
-                need = list(self.cfg.modalities)
-            if need:
-                sim = dict(self.cfg.sim_config)
-                if split == "pool_a":
-                    sim.update(self.cfg.detector_sim_config)
-                if split != "test":
-                    sim.setdefault("n_cmbs", tuple(self.cfg.pool_n_cmbs))
-                subj = simulate_subject(seed, SimulationConfig(**sim))
-                if split == "test":
-                    write_subject(subj, test_dir, f"sub-{seed}", modalities=self.cfg.modalities)
-                for m in need:
-                    case = make_case(f"sub-{seed}_{m}", subj.images[m], m, subj.cmb_labels,
-                                     subj.mimic_labels, subj.truth, settings)
-                    tmp = self.case_path(seed, m).with_suffix(".tmp.npz")
-                    case.save(tmp)
-                    os.replace(tmp, self.case_path(seed, m))
-            bar((n + 1) / len(todo), f"sub-{seed}")
-        bar.close()
+        for m in self.cfg.modalities:
+            if self.case_path(seed, m).exists():
+                continue
+            case = make_case(f"sub-{seed}_{m}", subj.images[m], m, subj.cmb_labels,
+                             subj.mimic_labels, subj.truth, settings)
+            tmp = self.case_path(seed, m).with_suffix(".tmp.npz")
+            case.save(tmp)
+            os.replace(tmp, self.case_path(seed, m))
 
     def cases(self, split: str):
         from .training_data import Case
@@ -859,17 +885,8 @@ class Run:
     def build_test_scans(self):
         """Simulate the test subjects with the simulator's natural CMB count (CMB-free subjects
         included) and write them as NIfTI files with their ground truth."""
-        from .simulation import SimulationConfig, simulate_subject, write_subject
-
-        bar = ProgressBar("test scans")
-        seeds = self.seeds["test"]
-        for n, seed in enumerate(seeds):
-            if not (self.test_dir() / f"sub-{seed}_truth.json").exists():
-                subj = simulate_subject(seed, SimulationConfig(**self.cfg.sim_config))
-                write_subject(subj, self.test_dir(), f"sub-{seed}",
-                              modalities=self.cfg.modalities)
-            bar((n + 1) / len(seeds), f"sub-{seed}")
-        bar.close()
+        todo = [("test", s) for s in self.seeds["test"] if self._missing("test", s)]
+        self._map_subjects(todo, "test scans")
 
     def evaluate_test(self, models_dir, out_dir=None) -> dict:
         """Detect every test scan with the exported bundle (the shipped code path), score it
@@ -1082,9 +1099,17 @@ def grid_point(c: dict, clean: tuple, thr: float) -> dict:
 PHASES = ("data", "detector", "candidates", "teacher", "student", "export", "evaluate")
 
 
-def run_training(run_dir, cfg: TrainConfig, models_dir=None, phases=PHASES) -> dict:
-    """All phases in order; each is skipped when its output exists (resume)."""
+def _subject_task(folder: str, cfg: TrainConfig, split: str, seed: int) -> None:
+    """One subject of the data phase in a worker process."""
+    Run(folder, cfg).build_subject(split, seed)
+
+
+def run_training(run_dir, cfg: TrainConfig, models_dir=None, phases=PHASES,
+                 jobs: int = 1) -> dict:
+    """All phases in order; each is skipped when its output exists (resume). ``jobs``
+    processes simulate subjects in parallel (the networks use torch's threads instead)."""
     run = Run(run_dir, cfg)
+    run.jobs = max(1, int(jobs))
     t0 = time.perf_counter()
     timings = {}
     for phase in phases:
@@ -1122,6 +1147,8 @@ def configure_parser(p) -> None:
     p.add_argument("--config", type=Path, help="JSON of TrainConfig overrides")
     p.add_argument("--tiny", action="store_true", help="seconds-scale smoke configuration")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes that simulate subjects (default: 2 or the CPU count)")
     p.add_argument("--export", nargs="?", const="bundled", metavar="DIR",
                    help="write weights + manifest (default: the bundled Resources/Models)")
 
@@ -1147,5 +1174,5 @@ def run_command(args) -> int:
     models_dir = None
     if args.export:
         models_dir = MODELS_DIR if args.export == "bundled" else Path(args.export)
-    run_training(args.run_dir, cfg, models_dir, phases)
+    run_training(args.run_dir, cfg, models_dir, phases, jobs=args.jobs)
     return 0
