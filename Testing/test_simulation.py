@@ -217,6 +217,12 @@ def test_synth_cli_writes_requested_modalities(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2/2" in err  # progress bar on stderr
     assert main(["synth", "--n", "1"]) == 1  # --out missing: one-line user error
+    assert main(["synth", "--n", "1", "--out", str(tmp_path), "--min-visible-mm", "-1"]) == 1
+    rc = main(["synth", "--n", "1", "--out", str(tmp_path / "rated"), "--seed", "5", "--roi-mm",
+               "40", "--n-cmbs", "3", "--b0", "1.5", "--te", "15", "--min-visible-mm", "2"])
+    truth = json.loads((tmp_path / "rated" / "sub-00005_truth.json").read_text())
+    assert rc == 0 and truth["params"]["min_visible_diameter_mm"] == 2.0
+    assert truth["cmbs"] and all(c["visible_diameter_mm"] >= 2.0 for c in truth["cmbs"])
 
 
 def test_oblique_b0_rotates_the_dipole_pattern():

@@ -31,6 +31,9 @@ def configure_parser(parser) -> None:
     parser.add_argument("--b0", type=float, default=None, help="field strength T (1.5 or 3)")
     parser.add_argument("--n-cmbs", type=int, nargs="+", default=None, metavar="N",
                         help="CMBs per subject: N, or LO HI (default heavy-tailed 0-20)")
+    parser.add_argument("--min-visible-mm", type=float, default=0.0, metavar="D",
+                        help="redraw random CMBs whose visible footprint on GRE is under D mm "
+                             "(rater criterion: 2; default 0 keeps every drawn CMB)")
     parser.add_argument("--no-labels", action="store_true",
                         help="skip label maps and brain mask (truth JSON is always written)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -81,8 +84,11 @@ def run_command(args) -> int:
         n_cmbs = args.n_cmbs[0] if len(args.n_cmbs) == 1 else tuple(args.n_cmbs)
     if args.b0 is not None and args.b0 <= 0:
         raise InputError("synth: --b0 must be positive")
+    if args.min_visible_mm < 0:
+        raise InputError("synth: --min-visible-mm must be >= 0")
     cfg = SimulationConfig(roi_mm=args.roi_mm, spacing_mm=tuple(args.spacing) if args.spacing
-                           else None, te_ms=args.te, b0_t=args.b0, n_cmbs=n_cmbs)
+                           else None, te_ms=args.te, b0_t=args.b0, n_cmbs=n_cmbs,
+                           min_visible_diameter_mm=args.min_visible_mm)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.seed + i, cfg, out, mods, not args.no_labels) for i in range(args.n)]
