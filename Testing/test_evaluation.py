@@ -264,6 +264,29 @@ def test_rating_criterion_scores_small_visible_lesions_apart():
     assert (r0["n_ref"], r0["tp"], r0["fp"], r0["n_pred"]) == (2, 1, 1, 2)
 
 
+def test_swi_scan_is_rated_by_its_own_visible_footprint():
+    # the same two CMBs as above; the truth says the SWI phase mask hides the large one (SWI
+    # footprint 0 mm) and blooms the small one to 2.5 mm: on the SWI scan the small one is the
+    # lesion to find, on a GRE scan of the same truth the label footprint decides as before
+    lab = np.zeros(SHAPE, np.uint16)
+    cube(lab, CMB2, 1, 1)
+    cube(lab, CMB1, 0, 2)
+    truth = {"cmbs": [{"id": 1, "centre_ras": ras(*CMB2), "radius_mm": 2.0, "category": "deep",
+                       "swi_visible_diameter_mm": 0.0},
+                      {"id": 2, "centre_ras": ras(*CMB1), "radius_mm": 0.6, "category": "lobar",
+                       "swi_visible_diameter_mm": 2.5}], "mimics": []}
+    result = make_result([(CMB1, 0.9, True), (STRAY, 0.9, True)])
+    swi = E.evaluate_subjects([E.case_from_result("s_swi", result, truth,
+                                                  GRID.with_array(lab))])["overall"]
+    r = swi["cluster_rated"]
+    assert (r["n_ref"], r["tp"], r["fn"], r["fp"], r["below_criterion"]) == (1, 1, 0, 1, 1)
+    assert swi["cluster"]["tp"] == 1 and swi["cluster"]["fn"] == 1  # the full count is unchanged
+    result.modality = "gre"
+    gre = E.evaluate_subjects([E.case_from_result("s_gre", result, truth,
+                                                  GRID.with_array(lab))])["overall"]
+    assert (gre["cluster_rated"]["n_ref"], gre["cluster_rated"]["tp"]) == (1, 0)
+
+
 def test_cli_rating_criterion_option(dataset, capsys):
     out = dataset["tmp"] / "r"
     assert main(["evaluate", str(dataset["pred"]), str(dataset["truth"]), "-o", str(out),

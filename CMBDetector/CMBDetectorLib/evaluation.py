@@ -96,7 +96,10 @@ def _truth_refs(case: EvalCase) -> dict:
     """Reference lesions: centres (RAS), true and visible diameters, categories, label values.
 
     The visible diameter is the equivalent sphere of the lesion's footprint in the truth label
-    map (NaN without one). With a label map only, the true diameter is that visible one.
+    map (NaN without one). With a label map only, the true diameter is that visible one. On an
+    SWI scan whose truth gives each CMB's footprint on the SWI itself
+    (``swi_visible_diameter_mm``, from the simulator), that one is used: the label is the GRE
+    footprint, and the SWI's phase mask can hide a CMB the GRE shows (or widen one).
     """
     cmbs = (case.truth or {}).get("cmbs")
     if cmbs is not None:
@@ -109,6 +112,9 @@ def _truth_refs(case: EvalCase) -> dict:
         if case.truth_labels is not None:
             visible = M.equivalent_diameters(case.truth_labels.array, labels,
                                              _voxel_mm3(case.truth_labels))
+        own = f"{str(case.modality).lower()}_visible_diameter_mm"
+        if cmbs and all(own in c for c in cmbs):
+            visible = np.array([float(c[own]) for c in cmbs], float)
         return {"ras": pts, "diameter_mm": diam, "category": cat, "id": ids, "label": labels,
                 "visible_diameter_mm": visible, "source": "json"}
     if case.truth_labels is not None:

@@ -535,6 +535,36 @@ def _homodyne_swi(sig, spacing, cfg):
     return phase, (np.abs(sig).astype(np.float32) * pmask ** cfg.swi_power).astype(np.float32)
 
 
+#: A CMB darkens the SWI visibly where it lowers the signal by at least this fraction of the
+#: brain's median lesion-free SWI (the GRE label uses 40 % attenuation of the voxel's own signal).
+SWI_VISIBLE_DROP = 0.4
+
+
+def _add_swi_visibility(cmbs, slabs, cmb_lab, swi, swi_free, brain, voxel_mm3) -> None:
+    """Record each CMB's footprint on the SWI itself: ``swi_visible_diameter_mm``.
+
+    The label is the GRE footprint, but SWI multiplies the magnitude by a phase mask: a CMB
+    inside a band that the mask already darkens (phase wraps near air and bone, the cortical
+    rim) changes the SWI by almost nothing, so a rater reading the SWI cannot see it. The SWI
+    footprint is the part of the lesion's neighbourhood (its connected components touching the
+    GRE label) where the SWI drops by at least ``SWI_VISIBLE_DROP`` x the brain's median
+    lesion-free SWI; the diameter is that of the equal-volume sphere (0 when none).
+    """
+    ref = float(np.median(swi_free[brain])) if np.any(brain) else float(np.median(swi_free))
+    for c, slb in zip(cmbs, slabs):
+        dark = (swi_free[slb] - swi[slb]) >= SWI_VISIBLE_DROP * ref
+        own = cmb_lab[slb] == c["label"]
+        n = 0
+        if np.any(dark & own):
+            from scipy import ndimage as ndi
+
+            lab, _ = ndi.label(dark)
+            keep = np.unique(lab[dark & own])
+            n = int(np.isin(lab, keep[keep > 0]).sum())
+        c["swi_visible_diameter_mm"] = round(2.0 * float(np.cbrt(3.0 * n * voxel_mm3
+                                                                 / (4.0 * np.pi))), 3)
+
+
 def _dark_context_sites(sig, brain, vein_frac, grid: _Grid, cfg, max_sites: int = 200000):
     """Voxel indices of tissue 0.5-3 mm from a voxel that the lesion-free SWI shows dark (below
     half the brain median), itself neither dark nor vein, at least 3 mm inside the grid."""
@@ -879,6 +909,9 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
             specs.append(dict(centre_ras=pr, radius=rad, chi=chi, mni=pm,
                               axes=_random_ellipsoid(rng, rad), random=True))
     min_d = float(cfg.min_visible_diameter_mm)
+    # the same signal without the CMBs, to measure what each CMB changes on SWI (below)
+    sig_free = sig.copy() if specs else None
+    cmb_slabs = []
     for s in specs:
         fp = footprint(s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j, s["axes"])
         if fp is None:
@@ -897,6 +930,7 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
         slb, fac, frac, foot, _ = fp
         sig[slb] *= fac
         chi_t[slb] += s["chi"] * frac
+        cmb_slabs.append(slb)
         cid = len(cmbs) + 1
         sub = cmb_lab[slb]
         sub[foot & (sub == 0)] = cid
@@ -936,6 +970,8 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
             continue
         slb, fac, frac, foot, _ = fp
         sig[slb] *= fac
+        if sig_free is not None:
+            sig_free[slb] *= fac
         chi_t[slb] += chi * frac
         vid = next_id
         next_id += 1
@@ -990,15 +1026,27 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
             lin = np.linspace(-1, 1, shape[a], dtype=np.float32) * np.float32(rng.normal(0, 0.06))
             logb += lin.reshape([-1 if q == a else 1 for q in range(3)])
         sig *= np.exp(logb)
+        if sig_free is not None:
+            sig_free *= np.exp(logb)
         del logb
     wm_ref = m0["wm"] * math.exp(-te * 1e-3 * r2s["wm"])
     sig *= np.float32(cfg.scale / wm_ref)
+    if sig_free is not None:
+        sig_free *= np.float32(cfg.scale / wm_ref)
     if cfg.noise:
         sd = cfg.scale / snr
-        sig.real += rng.standard_normal(sig.shape, dtype=np.float32) * np.float32(sd)
-        sig.imag += rng.standard_normal(sig.shape, dtype=np.float32) * np.float32(sd)
+        for part in ("real", "imag"):
+            nz = rng.standard_normal(sig.shape, dtype=np.float32) * np.float32(sd)
+            getattr(sig, part)[...] += nz
+            if sig_free is not None:
+                getattr(sig_free, part)[...] += nz
+            del nz
     gre = np.abs(sig).astype(np.float32)
     phase, swi = _homodyne_swi(sig, spacing, cfg)
+    if sig_free is not None:
+        _add_swi_visibility(cmbs, cmb_slabs, cmb_lab, swi, _homodyne_swi(sig_free, spacing, cfg)[1],
+                            brain_t > 0.5, float(np.prod(spacing)))
+        del sig_free
     bmask = brain_t > 0.5
     qsm = ndi.gaussian_filter(chi_t, cfg.qsm_blur_vox)
     if cfg.noise:
