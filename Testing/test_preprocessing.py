@@ -78,3 +78,20 @@ def test_prepare_outputs_consistent_grid(small_subject):
     assert p.image.shape == p.frst.shape == p.mask.shape
     np.testing.assert_allclose(p.grid.spacing, 1.0, atol=1e-6)
     assert p.image[~p.mask].max() == 0 and p.frst.dtype == np.float32
+
+
+def test_mask_closing_keeps_tissue_beyond_a_thin_dark_band():
+    # a 40 mm brain whose upper half has a 3 mm dark band at 35-38 mm (SWI's darkened rim):
+    # without closing the tissue beyond the band falls out of the mask, with 3 mm it stays
+    z, y, x = np.indices((96, 96, 96)) - 47.5
+    r = np.sqrt(x * x + y * y + z * z)
+    a = np.where(r < 40, 100.0, 0.0).astype(np.float32)
+    a[(r >= 35) & (r < 38) & (z > 5)] = 5.0
+    beyond = (r >= 38.5) & (r < 39.5) & (z > 15)
+    plain = brain_mask(a, 1.0, "swi")
+    closed = brain_mask(a, 1.0, "swi", closing_mm=3.0)
+    assert plain[beyond].mean() < 0.1 and closed[beyond].mean() > 0.9
+    # the closing does not grow the mask into the background
+    assert not closed[r > 44].any()
+    with pytest.raises(InputError, match="mask_closing_mm"):
+        DetectionSettings(mask_closing_mm=-1.0).validate()

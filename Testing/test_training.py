@@ -510,3 +510,41 @@ def test_parallel_data_phase_writes_the_same_cases(tmp_path):
         za, zb = np.load(a), np.load(b)
         assert za.files == zb.files
         assert all(np.array_equal(za[k], zb[k]) for k in za.files)
+
+
+def test_mask_closing_reaches_the_cases_the_manifest_and_detect(tiny_run, tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    from CMBDetectorLib import simulation, training_data
+    from CMBDetectorLib.detection import default_settings
+    from CMBDetectorLib.models import load_bundle
+
+    seen = []
+
+    def fake_case(name, image, modality, cmb, mimics, truth, settings, *rest):
+        seen.append(settings.mask_closing_mm)
+        return SimpleNamespace(save=lambda path: Path(path).write_bytes(b""))
+
+    monkeypatch.setattr(simulation, "simulate_subject", lambda seed, config: SimpleNamespace(
+        images=dict.fromkeys(("swi", "gre", "qsm")), cmb_labels=None, mimic_labels=None,
+        truth={}))
+    monkeypatch.setattr(training_data, "make_case", fake_case)
+    cfg = TrainConfig.tiny()
+    cfg.mask_closing_mm = 3.0
+    Run(tmp_path / "data", cfg).build_subject("pool_a", subject_seeds(cfg)["pool_a"][0])
+    assert seen == [3.0] * len(cfg.modalities)  # every case is prepared with the closed mask
+    # export: the bundle tells detect() which mask its networks were trained with
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**saved, "mask_closing_mm": 3.0}))
+    Run(run_dir, cfg).export(tmp_path / "models")
+    manifest = json.loads((tmp_path / "models" / "manifest.json").read_text())
+    assert manifest["inference"]["mask_closing_mm"] == 3.0
+    assert manifest["training"]["overrides"]["mask_closing_mm"] == 3.0
+    assert default_settings(load_bundle(tmp_path / "models", device="cpu")).mask_closing_mm == 3.0
+    # the bundled set (and the tiny one) keep the mask they were trained with: no closing
+    assert "mask_closing_mm" not in json.loads((tiny_run[1] / "manifest.json").read_text())[
+        "inference"]
+    assert default_settings(load_bundle(tiny_run[1], device="cpu")).mask_closing_mm == 0.0

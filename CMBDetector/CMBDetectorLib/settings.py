@@ -26,6 +26,11 @@ class DetectionSettings:
     candidate_threshold: float = 0.3
     #: Isotropic spacing (mm) the scan is resampled to for the networks.
     working_spacing_mm: float = 1.0
+    #: Automatic brain mask of GRE/SWI: grey-scale closing (mm) of the image before its
+    #: threshold, which fills thin dark bands (the cortical rim SWI's phase mask darkens, sulcal
+    #: veins) that otherwise cut brain and surface CMBs out of the mask. 0 = no closing. The
+    #: networks are trained with one mask, so a model bundle sets this (its manifest).
+    mask_closing_mm: float = 0.0
     #: Fast radial symmetry transform radii (mm) and radial strictness.
     frst_radii_mm: tuple = (1.0, 2.0, 3.0)
     frst_alpha: float = 2.0
@@ -67,6 +72,8 @@ class DetectionSettings:
                              f"{self.candidate_threshold}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0.0 <= self.mask_closing_mm <= 10.0:
+            raise InputError(f"mask_closing_mm must be in [0, 10], got {self.mask_closing_mm}")
         if self.min_volume_mm3 > self.max_volume_mm3:
             raise InputError("min_volume_mm3 exceeds max_volume_mm3")
         return self

@@ -58,6 +58,10 @@ class TrainConfig:
     #: run and records its sha256, and pool A is not simulated. Discriminator experiments then
     #: change nothing but the discriminator.
     detector_weights: str = ""
+    #: Grey closing (mm) before the automatic GRE/SWI brain mask's threshold (see
+    #: ``DetectionSettings.mask_closing_mm``); the cases are prepared with it and the exported
+    #: manifest tells ``detect()`` to use it. 0 = the mask of the bundled set.
+    mask_closing_mm: float = 0.0
     sim_config: dict = field(default_factory=dict)   # SimulationConfig overrides
     #: SimulationConfig overrides for pool A only (the detector's subjects), on top of
     #: ``sim_config``: e.g. ``{"cmb_dark_context": 0.5}`` places half of its CMBs against a
@@ -150,7 +154,7 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "detector_tube_prob": 0.0, "detector_context_fraction": 0.15,
                    "detector_context_extra": 0, "detector_sim_config": {},
                    "n_pool_b_extra": 0, "detector_weights": "",
-                   "choose_edge_distance": False}
+                   "choose_edge_distance": False, "mask_closing_mm": 0.0}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 DATA_MODULES = ("simulation", "anatomy", "preprocessing", "radial_symmetry", "volume")
@@ -494,7 +498,7 @@ class Run:
         if split == "test":
             write_subject(subj, self.test_dir(), f"sub-{seed}", modalities=self.cfg.modalities)
             return
-        settings = DetectionSettings()
+        settings = DetectionSettings(mask_closing_mm=self.cfg.mask_closing_mm)
         for m in self.cfg.modalities:
             if self.case_path(seed, m).exists():
                 continue
@@ -864,6 +868,8 @@ class Run:
                                                 "modality_thresholds", "min_volume_mm3",
                                                 "min_edge_distance_mm")
                              if k in op},
+                          **({"mask_closing_mm": self.cfg.mask_closing_mm}
+                             if self.cfg.mask_closing_mm else {}),  # the cases' mask
                           "mirrored_scoring": True},  # as score_validation chose it
             "training": {"command": "cmbdetector train --run-dir runs/main --export"
                                     + (" --config OVERRIDES.json" if overrides else ""),
