@@ -301,7 +301,7 @@ def test_min_visible_diameter_leaves_explicit_cmbs_alone():
 
 
 def test_swi_footprint_of_a_cmb_in_bright_tissue_and_in_a_dark_band():
-    from CMBDetectorLib.simulation import _add_swi_visibility
+    from CMBDetectorLib.simulation import _swi_footprints
 
     # lesion-free SWI: tissue at 1.0, a phase band (x >= 20) the phase mask has crushed to 0.05;
     # both CMBs remove 80 % of the signal in a 3x3x3 block that is also their GRE label
@@ -316,14 +316,20 @@ def test_swi_footprint_of_a_cmb_in_bright_tissue_and_in_a_dark_band():
         lab[b] = cid
     cmbs = [{"label": 1}, {"label": 2}]
     slabs = [tuple(slice(s.start - 3, s.stop + 3) for s in b) for b in blocks.values()]
-    _add_swi_visibility(cmbs, slabs, lab, swi, free, np.ones(free.shape, bool), 1.0)
+    swi_lab = _swi_footprints(cmbs, slabs, lab, swi, free, np.ones(free.shape, bool), 1.0)
     # 27 mm^3 -> the equal-volume sphere's diameter; the band hides the second one
     assert cmbs[0]["swi_visible_diameter_mm"] == pytest.approx(2 * (3 * 27 / (4 * np.pi)) ** (1 / 3),
                                                                abs=1e-3)
     assert cmbs[1]["swi_visible_diameter_mm"] == 0.0
+    assert np.array_equal(swi_lab, lab)  # footprints inside the labels add nothing
 
 
 def test_swi_visibility_is_recorded_without_changing_the_images(single_cmb):
     (cmb,) = single_cmb.truth["cmbs"]
     # a 1 mm, 0.6 ppm CMB at 3 T, TE 20 ms in clean tissue: SWI blooms at least as much as GRE
     assert cmb["swi_visible_diameter_mm"] >= cmb["visible_diameter_mm"] > 2.0
+    # the SWI label map holds the GRE label and more: the phase mask darkens the lobes along B0
+    gre_lab, swi_lab = single_cmb.cmb_labels.array, single_cmb.swi_cmb_labels.array
+    assert np.all(swi_lab[gre_lab > 0] == gre_lab[gre_lab > 0])
+    assert (swi_lab == 1).sum() > (gre_lab == 1).sum()
+    assert set(np.unique(swi_lab).tolist()) == {0, 1}

@@ -548,3 +548,26 @@ def test_mask_closing_reaches_the_cases_the_manifest_and_detect(tiny_run, tmp_pa
     assert "mask_closing_mm" not in json.loads((tiny_run[1] / "manifest.json").read_text())[
         "inference"]
     assert default_settings(load_bundle(tiny_run[1], device="cpu")).mask_closing_mm == 0.0
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_swi_cases_take_the_swi_footprint_labels_when_asked(tmp_path, monkeypatch, flag):
+    from types import SimpleNamespace
+
+    from CMBDetectorLib import simulation, training_data
+
+    seen = {}
+
+    def fake_case(name, image, modality, cmb, *rest):
+        seen[modality] = cmb
+        return SimpleNamespace(save=lambda path: Path(path).write_bytes(b""))
+
+    monkeypatch.setattr(simulation, "simulate_subject", lambda seed, config: SimpleNamespace(
+        images=dict.fromkeys(("swi", "gre", "qsm")), cmb_labels="gre label",
+        swi_cmb_labels="swi label", mimic_labels=None, truth={}))
+    monkeypatch.setattr(training_data, "make_case", fake_case)
+    cfg = TrainConfig.tiny()
+    cfg.swi_footprint_labels = flag
+    Run(tmp_path, cfg).build_subject("pool_b_train", subject_seeds(cfg)["pool_b_train"][0])
+    assert seen == {"swi": "swi label" if flag else "gre label", "gre": "gre label",
+                    "qsm": "gre label"}

@@ -114,6 +114,9 @@ class SimulatedSubject:
     truth: dict
     phase: Volume | None = None  # homodyne high-pass phase (rad), for inspection and tests
     timings: dict = field(default_factory=dict)
+    #: CMB labels as the SWI shows them: the GRE label plus each CMB's SWI footprint (see
+    #: ``_swi_footprints``); the SWI's phase mask also darkens a CMB's lobes along B0.
+    swi_cmb_labels: Volume | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,29 +543,37 @@ def _homodyne_swi(sig, spacing, cfg):
 SWI_VISIBLE_DROP = 0.4
 
 
-def _add_swi_visibility(cmbs, slabs, cmb_lab, swi, swi_free, brain, voxel_mm3) -> None:
-    """Record each CMB's footprint on the SWI itself: ``swi_visible_diameter_mm``.
+def _swi_footprints(cmbs, slabs, cmb_lab, swi, swi_free, brain, voxel_mm3) -> np.ndarray:
+    """Record each CMB's footprint on the SWI itself (``swi_visible_diameter_mm``) and return
+    the label map of what the SWI shows: the GRE label plus each CMB's SWI footprint.
 
     The label is the GRE footprint, but SWI multiplies the magnitude by a phase mask: a CMB
     inside a band that the mask already darkens (phase wraps near air and bone, the cortical
     rim) changes the SWI by almost nothing, so a rater reading the SWI cannot see it. The SWI
     footprint is the part of the lesion's neighbourhood (its connected components touching the
     GRE label) where the SWI drops by at least ``SWI_VISIBLE_DROP`` x the brain's median
-    lesion-free SWI; the diameter is that of the equal-volume sphere (0 when none).
+    lesion-free SWI; the diameter is that of the equal-volume sphere (0 when none). In the
+    returned map the GRE label keeps its voxels and a footprint voxel claimed by two CMBs
+    goes to the first.
     """
+    from scipy import ndimage as ndi
+
     ref = float(np.median(swi_free[brain])) if np.any(brain) else float(np.median(swi_free))
+    swi_lab = cmb_lab.copy()
     for c, slb in zip(cmbs, slabs):
         dark = (swi_free[slb] - swi[slb]) >= SWI_VISIBLE_DROP * ref
         own = cmb_lab[slb] == c["label"]
         n = 0
         if np.any(dark & own):
-            from scipy import ndimage as ndi
-
             lab, _ = ndi.label(dark)
             keep = np.unique(lab[dark & own])
-            n = int(np.isin(lab, keep[keep > 0]).sum())
+            foot = np.isin(lab, keep[keep > 0])
+            n = int(foot.sum())
+            sub = swi_lab[slb]
+            sub[foot & (sub == 0)] = c["label"]
         c["swi_visible_diameter_mm"] = round(2.0 * float(np.cbrt(3.0 * n * voxel_mm3
                                                                  / (4.0 * np.pi))), 3)
+    return swi_lab
 
 
 def _dark_context_sites(sig, brain, vein_frac, grid: _Grid, cfg, max_sites: int = 200000):
@@ -1043,9 +1054,11 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
             del nz
     gre = np.abs(sig).astype(np.float32)
     phase, swi = _homodyne_swi(sig, spacing, cfg)
+    swi_lab = cmb_lab
     if sig_free is not None:
-        _add_swi_visibility(cmbs, cmb_slabs, cmb_lab, swi, _homodyne_swi(sig_free, spacing, cfg)[1],
-                            brain_t > 0.5, float(np.prod(spacing)))
+        swi_lab = _swi_footprints(cmbs, cmb_slabs, cmb_lab, swi,
+                                  _homodyne_swi(sig_free, spacing, cfg)[1], brain_t > 0.5,
+                                  float(np.prod(spacing)))
         del sig_free
     bmask = brain_t > 0.5
     qsm = ndi.gaussian_filter(chi_t, cfg.qsm_blur_vox)
@@ -1072,7 +1085,8 @@ def simulate_subject(seed: int, config: SimulationConfig | None = None) -> Simul
     return SimulatedSubject(images=images, cmb_labels=T.volume(cmb_lab, "cmb"),
                             mimic_labels=T.volume(mim_lab, "mimics"),
                             brain_mask=T.volume(bmask.astype(np.uint8), "brainmask"),
-                            truth=truth, phase=T.volume(phase, "phase"), timings=timings)
+                            truth=truth, phase=T.volume(phase, "phase"), timings=timings,
+                            swi_cmb_labels=T.volume(swi_lab, "cmb_swi"))
 
 
 def write_subject(subject: SimulatedSubject, out_dir, stem: str, modalities=MODALITIES,
