@@ -86,3 +86,17 @@ def test_cmbs_in_bright_context_get_extra_detector_patches():
                                       context_extra=3)
     assert (kinds == 1).sum() == 5          # 2 + 3 for the CMB in bright context
     assert all(l.any() for l in labs[kinds == 1][2:])
+
+
+def test_large_cmbs_get_extra_detector_patches():
+    from CMBDetectorLib.training_data import detector_patches
+
+    case = _case_with_two_cmbs()
+    case.labels[18:23, 18:23, 18:23] = 2     # the deep CMB: 125 voxels; the surface one: 1
+    _, labs, kinds = detector_patches(case, np.random.default_rng(0), size=32, n_rand=2,
+                                      large_voxels=40, large_extra=3)
+    assert (kinds == 1).sum() == 5          # 2 + 3 for the large CMB only
+    assert all(l.any() for l in labs[kinds == 1][2:])
+    _, _, kinds_off = detector_patches(case, np.random.default_rng(0), size=32, n_rand=2,
+                                       large_voxels=200, large_extra=3)
+    assert (kinds_off == 1).sum() == 2      # no CMB has 200 voxels

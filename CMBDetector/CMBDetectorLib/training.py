@@ -103,6 +103,10 @@ class TrainConfig:
     detector_tube_prob: float = 0.0
     detector_context_fraction: float = 0.15
     detector_context_extra: int = 0
+    #: CMBs of at least ``detector_large_voxels`` label voxels get ``detector_large_extra``
+    #: more detector patches (off in the bundled set; see the README's v18).
+    detector_large_voxels: int = 40
+    detector_large_extra: int = 0
     teacher_base: int = 16
     teacher_hidden: int = 64
     student_base: int = 8
@@ -137,7 +141,9 @@ class TrainConfig:
         return {"surface_mm": self.detector_surface_mm,
                 "surface_extra": self.detector_surface_extra,
                 "context_fraction": self.detector_context_fraction,
-                "context_extra": self.detector_context_extra}
+                "context_extra": self.detector_context_extra,
+                "large_voxels": self.detector_large_voxels,
+                "large_extra": self.detector_large_extra}
 
     @classmethod
     def tiny(cls) -> "TrainConfig":
@@ -161,7 +167,8 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "detector_context_extra": 0, "detector_sim_config": {},
                    "n_pool_b_extra": 0, "detector_weights": "",
                    "choose_edge_distance": False, "mask_closing_mm": 0.0,
-                   "swi_footprint_labels": False}
+                   "swi_footprint_labels": False, "detector_large_voxels": 40,
+                   "detector_large_extra": 0}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 DATA_MODULES = ("simulation", "anatomy", "preprocessing", "radial_symmetry", "volume")
