@@ -130,8 +130,8 @@ def detector_patches(case: Case, rng: np.random.Generator, size: int = 56, n_pos
     was flattened.
 
     A CMB whose label has at least ``large_voxels`` voxels gets ``large_extra`` more patches:
-    large CMBs are few (about 6 % of the validation CMBs), and on SWI, where they look like the
-    dark iron-laden nuclei, the detector found 10 of 15 of them (GRE 14 of 15).
+    large CMBs are few (about 6 % of the validation CMBs), and on SWI the detector found 10 of
+    15 of them (GRE 14 of 15); a guess, not tested, is that they resemble the iron-laden nuclei.
     """
     centres, kinds = [], []
     if len(case.truth_centres):
