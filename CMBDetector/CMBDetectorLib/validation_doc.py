@@ -180,7 +180,10 @@ def build(run_dir, docs_dir) -> str:
               "voxels the lesion darkens by at least 40 % on GRE, plus the centre voxel. Raters "
               "mark round dark foci of roughly 2–10 mm on the image (Greenberg et al., Lancet "
               "Neurol 2009). The table below sizes each test CMB by its *visible* diameter, the "
-              "equivalent sphere of its labelled footprint, blooming included:", ""]
+              "equivalent sphere of its labelled footprint, blooming included; on an SWI scan "
+              "it is the footprint on the SWI itself (the connected voxels the lesion darkens "
+              "by at least 0.4 x the brain's median lesion-free SWI, where the truth files "
+              "record it), since SWI's phase mask can hide a lesion or widen it:", ""]
         L += _visible_table(st["overall"])
         L += [f"Scored on the CMBs of visible diameter ≥ {crit:g} mm only (a smaller one is "
               "neither a miss nor, when found, a false positive; every other false positive "
