@@ -131,7 +131,8 @@ def detector_patches(case: Case, rng: np.random.Generator, size: int = 56, n_pos
 
     A CMB whose label has at least ``large_voxels`` voxels gets ``large_extra`` more patches:
     large CMBs are few (about 6 % of the validation CMBs), and on SWI the detector found 10 of
-    15 of them (GRE 14 of 15); a guess, not tested, is that they resemble the iron-laden nuclei.
+    15 of them (GRE 14 of 15). The large SWI misses touch the dark rim that SWI's phase mask
+    leaves at the brain surface, whose fragments are negatives here (README, v18 and after).
     """
     centres, kinds = [], []
     if len(case.truth_centres):

@@ -102,6 +102,7 @@ def _visible_table(g: dict) -> list:
 
 def build(run_dir, docs_dir) -> str:
     from .metrics import plot_froc
+    from .simulation import SWI_VISIBLE_DROP
 
     run_dir, docs_dir = Path(run_dir), Path(docs_dir)
     ev = {k: json.loads((run_dir / "eval" / k / "evaluation.json").read_text())
@@ -182,8 +183,9 @@ def build(run_dir, docs_dir) -> str:
               "Neurol 2009). The table below sizes each test CMB by its *visible* diameter, the "
               "equivalent sphere of its labelled footprint, blooming included; on an SWI scan "
               "it is the footprint on the SWI itself (the connected voxels the lesion darkens "
-              "by at least 0.4 x the brain's median lesion-free SWI, where the truth files "
-              "record it), since SWI's phase mask can hide a lesion or widen it:", ""]
+              f"by at least {SWI_VISIBLE_DROP:g} x the brain's median lesion-free SWI, where the "
+              "truth files record it), since SWI's phase mask can hide a lesion or widen it:",
+              ""]
         L += _visible_table(st["overall"])
         L += [f"Scored on the CMBs of visible diameter ≥ {crit:g} mm only (a smaller one is "
               "neither a miss nor, when found, a false positive; every other false positive "
