@@ -232,6 +232,94 @@ def _rated_counts(touch: np.ndarray, ref_values, refs: dict, hits, rated) -> M.C
                            [lab for lab, r in zip(refs["label"], rated) if r])
 
 
+def _case_header(case: EvalCase, refs: dict, rated_diameter_mm: float) -> dict:
+    """The case's identity and references, each reference's visible-size bin and rating."""
+    out: dict = {"name": case.name, "truth": case.truth_name, "modality": case.modality,
+                 "threshold": float(case.threshold), "n_truth": int(len(refs["ras"])),
+                 "notes": []}
+    out["_refs"] = refs
+    vis = np.asarray(refs["visible_diameter_mm"], float)
+    out["_visible_bin"] = [M.size_bin(d, M.VISIBLE_SIZE_BINS_MM) if np.isfinite(d) else "unknown"
+                           for d in vis]
+    out["_rated"] = [("rated" if d >= rated_diameter_mm else "below criterion")
+                     if np.isfinite(d) else "unknown" for d in vis]
+    return out
+
+
+def _score_label_maps(case: EvalCase, refs: dict, out: dict, distance_mm: float,
+                      connectivity: int, vc: int) -> np.ndarray:
+    """Cluster, one-to-one, VALDO and rated counts from the label maps (into ``out``);
+    returns the centroids of the false-positive clusters, for mimic attribution."""
+    pred, resampled = _pred_on_truth_grid(case)
+    if resampled:
+        out["notes"].append("prediction resampled onto the truth grid (nearest neighbour)")
+    ref = np.asarray(case.truth_labels.array)
+    m = case.truth_labels.ijk_to_ras
+    any_ = M.cluster_counts(pred, ref, connectivity, one_to_one=False)
+    one = M.cluster_counts(pred, ref, connectivity, one_to_one=True)
+    # per-CMB detection (each truth label its own lesion): size strata, rating criterion
+    pl, npred = M.label_components(pred, connectivity)
+    rl, nr, rvals = M._elements(ref, connectivity, True)
+    touch = M.overlap_matrix(rl, nr, pl, npred) > 0
+    per_cmb = M.cluster_counts_from_overlap(touch.astype(np.int64))
+    per_cmb.ref_values = [int(v) for v in rvals]
+    val = M.valdo_subject(pred, ref, m, distance_mm, vc)
+    out["cluster"] = any_.as_dict()
+    out["cluster_one_to_one"] = one.as_dict()
+    out["valdo"] = val.as_dict()
+    out["valdo"]["source"] = "label maps"
+    out["_cluster"], out["_cluster_one"], out["_valdo"] = any_, one, val
+    detected = dict(zip(per_cmb.ref_values, per_cmb.ref_detected))
+    out["_cluster_hit_by_ref"] = [bool(detected.get(i, False)) for i in refs["label"]]
+    rated = _rated_counts(touch, rvals, refs, out["_cluster_hit_by_ref"],
+                          np.array([r == "rated" for r in out["_rated"]], bool))
+    out["_cluster_rated"] = rated
+    out["cluster_rated"] = rated.as_dict()
+    # centroids of FP clusters (for mimic attribution)
+    cents = M.centroids_ras(pl, npred, m)
+    return cents[~touch.any(axis=0)] if npred else np.zeros((0, 3))
+
+
+def _score_stages(case: EvalCase, refs: dict, out: dict, pts, conf, kept, distance_mm: float,
+                  point_rule: str, connectivity: int) -> np.ndarray:
+    """Point matches per pipeline stage (into ``out``), or only the final stage when there is
+    no candidate list; returns the final lesions' centres."""
+    out["stages"] = {}
+    out["_stage_match"] = {}
+    if case.candidates is not None:
+        for stage in M.STAGES:
+            sel = M.stage_selection(conf, kept, case.threshold, stage)
+            mt = M.match_points(pts[sel], refs["ras"], distance_mm, point_rule)
+            out["stages"][stage] = {"n_pred": mt.n_pred, "tp": mt.tp, "fn": mt.fn, "fp": mt.fp}
+            out["_stage_match"][stage] = mt
+        return pts[M.stage_selection(conf, kept, case.threshold, "cleanup")]
+    if case.lesions_ras is not None:
+        final_pts = M._as_points(case.lesions_ras)
+        note = "no candidate list: only the final stage is scored"
+    elif case.pred_labels is not None:
+        pl, npred = M.label_components(np.asarray(case.pred_labels.array), connectivity)
+        final_pts = M.centroids_ras(pl, npred, case.pred_labels.ijk_to_ras)
+        note = "no candidate list: final stage scored from label-map centroids"
+    else:
+        raise InputError(f"{case.name}: no prediction (neither label map, candidates nor lesions)")
+    mt = M.match_points(final_pts, refs["ras"], distance_mm, point_rule)
+    out["stages"]["cleanup"] = {"n_pred": mt.n_pred, "tp": mt.tp, "fn": mt.fn, "fp": mt.fp}
+    out["_stage_match"]["cleanup"] = mt
+    out["notes"].append(note)
+    return final_pts
+
+
+def _attribute_false_positives(out: dict, final_pts, fp_points_cluster, mimic_ras, mimic_types,
+                               mimic_distance_mm: float) -> None:
+    """Name the nearest simulated mimic of each false positive (point and cluster rules)."""
+    fm = out["_stage_match"]["cleanup"]
+    fp_pts = final_pts[~np.asarray(fm.pred_near, bool)] if fm.n_pred else np.zeros((0, 3))
+    out["fp_types"] = _count(attribute_points(fp_pts, mimic_ras, mimic_types, mimic_distance_mm))
+    if fp_points_cluster is not None:
+        out["cluster_fp_types"] = _count(attribute_points(fp_points_cluster, mimic_ras,
+                                                          mimic_types, mimic_distance_mm))
+
+
 def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
                connectivity: int = 26, valdo_connectivity: int | None = None,
                point_rule: str = "any", mimic_distance_mm: float = 3.0,
@@ -243,75 +331,18 @@ def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
     """
     vc = connectivity if valdo_connectivity is None else valdo_connectivity
     refs = _truth_refs(case)
-    out: dict = {"name": case.name, "truth": case.truth_name, "modality": case.modality,
-                 "threshold": float(case.threshold), "n_truth": int(len(refs["ras"])),
-                 "notes": []}
     mimic_ras, mimic_types = _mimic_points(case)
-    out["_refs"] = refs
-    vis = np.asarray(refs["visible_diameter_mm"], float)
-    out["_visible_bin"] = [M.size_bin(d, M.VISIBLE_SIZE_BINS_MM) if np.isfinite(d) else "unknown"
-                           for d in vis]
-    out["_rated"] = [("rated" if d >= rated_diameter_mm else "below criterion")
-                     if np.isfinite(d) else "unknown" for d in vis]
+    out = _case_header(case, refs, rated_diameter_mm)
 
     # --- label-map families -------------------------------------------------------------
     fp_points_cluster = None
     if case.pred_labels is not None and case.truth_labels is not None:
-        pred, resampled = _pred_on_truth_grid(case)
-        if resampled:
-            out["notes"].append("prediction resampled onto the truth grid (nearest neighbour)")
-        ref = np.asarray(case.truth_labels.array)
-        m = case.truth_labels.ijk_to_ras
-        any_ = M.cluster_counts(pred, ref, connectivity, one_to_one=False)
-        one = M.cluster_counts(pred, ref, connectivity, one_to_one=True)
-        # per-CMB detection (each truth label its own lesion): size strata, rating criterion
-        pl, npred = M.label_components(pred, connectivity)
-        rl, nr, rvals = M._elements(ref, connectivity, True)
-        touch = M.overlap_matrix(rl, nr, pl, npred) > 0
-        per_cmb = M.cluster_counts_from_overlap(touch.astype(np.int64))
-        per_cmb.ref_values = [int(v) for v in rvals]
-        val = M.valdo_subject(pred, ref, m, distance_mm, vc)
-        out["cluster"] = any_.as_dict()
-        out["cluster_one_to_one"] = one.as_dict()
-        out["valdo"] = val.as_dict()
-        out["valdo"]["source"] = "label maps"
-        out["_cluster"], out["_cluster_one"], out["_valdo"] = any_, one, val
-        detected = dict(zip(per_cmb.ref_values, per_cmb.ref_detected))
-        out["_cluster_hit_by_ref"] = [bool(detected.get(i, False)) for i in refs["label"]]
-        rated = _rated_counts(touch, rvals, refs, out["_cluster_hit_by_ref"],
-                              np.array([r == "rated" for r in out["_rated"]], bool))
-        out["_cluster_rated"] = rated
-        out["cluster_rated"] = rated.as_dict()
-        # centroids of FP clusters (for mimic attribution)
-        cents = M.centroids_ras(pl, npred, m)
-        fp_points_cluster = cents[~touch.any(axis=0)] if npred else np.zeros((0, 3))
+        fp_points_cluster = _score_label_maps(case, refs, out, distance_mm, connectivity, vc)
 
     # --- candidate stages (points) --------------------------------------------------------
     pts, conf, kept = _cand_arrays(case)
-    out["stages"] = {}
-    out["_stage_match"] = {}
-    if case.candidates is not None:
-        for stage in M.STAGES:
-            sel = M.stage_selection(conf, kept, case.threshold, stage)
-            mt = M.match_points(pts[sel], refs["ras"], distance_mm, point_rule)
-            out["stages"][stage] = {"n_pred": mt.n_pred, "tp": mt.tp, "fn": mt.fn, "fp": mt.fp}
-            out["_stage_match"][stage] = mt
-        final_pts = pts[M.stage_selection(conf, kept, case.threshold, "cleanup")]
-    elif case.lesions_ras is not None:
-        final_pts = M._as_points(case.lesions_ras)
-        mt = M.match_points(final_pts, refs["ras"], distance_mm, point_rule)
-        out["stages"]["cleanup"] = {"n_pred": mt.n_pred, "tp": mt.tp, "fn": mt.fn, "fp": mt.fp}
-        out["_stage_match"]["cleanup"] = mt
-        out["notes"].append("no candidate list: only the final stage is scored")
-    elif case.pred_labels is not None:
-        pl, npred = M.label_components(np.asarray(case.pred_labels.array), connectivity)
-        final_pts = M.centroids_ras(pl, npred, case.pred_labels.ijk_to_ras)
-        mt = M.match_points(final_pts, refs["ras"], distance_mm, point_rule)
-        out["stages"]["cleanup"] = {"n_pred": mt.n_pred, "tp": mt.tp, "fn": mt.fn, "fp": mt.fp}
-        out["_stage_match"]["cleanup"] = mt
-        out["notes"].append("no candidate list: final stage scored from label-map centroids")
-    else:
-        raise InputError(f"{case.name}: no prediction (neither label map, candidates nor lesions)")
+    final_pts = _score_stages(case, refs, out, pts, conf, kept, distance_mm, point_rule,
+                              connectivity)
 
     if "valdo" not in out:  # VALDO from points when label maps are missing
         val = M.match_points(final_pts, refs["ras"], distance_mm, "valdo")
@@ -320,12 +351,8 @@ def score_case(case: EvalCase, distance_mm: float = M.DEFAULT_DISTANCE_MM,
         out["_valdo"] = val
 
     # --- false-positive attribution -----------------------------------------------------------
-    fm = out["_stage_match"]["cleanup"]
-    fp_pts = final_pts[~np.asarray(fm.pred_near, bool)] if fm.n_pred else np.zeros((0, 3))
-    out["fp_types"] = _count(attribute_points(fp_pts, mimic_ras, mimic_types, mimic_distance_mm))
-    if fp_points_cluster is not None:
-        out["cluster_fp_types"] = _count(attribute_points(fp_points_cluster, mimic_ras,
-                                                          mimic_types, mimic_distance_mm))
+    _attribute_false_positives(out, final_pts, fp_points_cluster, mimic_ras, mimic_types,
+                               mimic_distance_mm)
     out["_froc"] = {"pred_ras": pts, "confidence": conf, "kept": kept, "ref_ras": refs["ras"]}
     return out
 
