@@ -57,6 +57,88 @@ def truth_from_mask(labels) -> tuple:
              "mimics": []})
 
 
+def _read_cases(pairs: list, modality: str, base) -> list:
+    """Every annotated scan as a training case; a label mask on another grid is refused."""
+    from .training_data import make_case
+
+    cases = []
+    for scan, lab, mask in pairs:
+        vol = read_volume(scan)
+        labels, truth = truth_from_mask(read_volume(lab))
+        if not labels.same_grid(vol, tol=1e-2):
+            raise InputError(f"{lab}: label mask is on another grid than {scan}")
+        cases.append(make_case(stem(scan), vol, modality, labels, None, truth, base,
+                               read_volume(mask) if mask else None))
+    return cases
+
+
+def _tune_detector(det, train: list, rng, steps: int, ckpt: Path, lr: float, seed: int,
+                   batch: int, patch: int) -> None:
+    """Fine-tune the detector on balanced lesion/background patches of the training scans."""
+    from .training import TrainConfig, detector_batch, dice_ce_loss, fit
+    from .training_data import detector_patches
+
+    cfg = TrainConfig()  # the bundled detector's sampling and loss settings
+    bank = [detector_patches(c, rng, size=patch + 8, **cfg.detector_sampling()) for c in train]
+    img = np.concatenate([b[0] for b in bank])
+    lab = np.concatenate([b[1] for b in bank])
+    kind = np.concatenate([b[2] for b in bank])
+    pos, neg = np.flatnonzero(kind == 1), np.flatnonzero(kind == 0)
+    if len(pos) == 0:
+        raise InputError("the training scans hold no CMB")
+
+    def det_batches(r):
+        idx = np.concatenate([r.choice(pos, batch // 2), r.choice(neg, batch - batch // 2)])
+        return detector_batch(img, lab, idx, r, patch, cfg)
+
+    fit(det, det_batches, steps, ckpt, lr, 50, "finetune detector",
+        lambda m, b: dice_ce_loss(m(b[0]), b[1], size_weight=b[2]), seed + 1)
+
+
+def _tune_student(stu, det, train: list, rng, steps: int, ckpt: Path, lr: float,
+                  seed: int) -> None:
+    """Fine-tune the student on the tuned detector's candidates (+ every true lesion); it is
+    left as it is when there is no false candidate to learn from."""
+    import torch
+
+    from .settings import DetectionSettings
+    from .training import augment_patch, fit
+    from .training_data import candidate_table, discriminator_patches
+
+    low = DetectionSettings(candidate_threshold=0.1)
+    tabs = [candidate_table(c, det, low) for c in train]
+    parts = [discriminator_patches(c, t, rng) for c, t in zip(train, tabs)]
+    x = np.concatenate([p[0] for p in parts])
+    seg = np.concatenate([p[1] for p in parts])
+    cls = np.concatenate([p[2] for p in parts]).astype(np.int64)
+    cpos, cneg = np.flatnonzero(cls == 1), np.flatnonzero(cls == 0)
+    if len(cneg):
+        def disc_batches(r):
+            idx = np.concatenate([r.choice(cpos, 8), r.choice(cneg, 8)])
+            xb, _ = zip(*(augment_patch(x[i], seg[i], r) for i in idx))
+            return torch.from_numpy(np.stack(xb)), torch.from_numpy(cls[idx])
+
+        fit(stu, disc_batches, steps, ckpt, lr, 50, "finetune student",
+            lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), seed + 2)
+
+
+def _validate(val: list, det, stu, base, modality: str) -> dict:
+    """Candidates kept at the old threshold on the validation scans, recorded in the manifest."""
+    from .inference import score_candidates
+    from .training_data import candidate_table
+
+    tp = fp = n_true = 0
+    for c in val:
+        t = candidate_table(c, det, base)
+        p = score_candidates(stu, np.stack([c.image, c.frst]), t["centres"])
+        keep = p >= base.threshold_for(modality)
+        tp += int((keep & t["is_cmb"]).sum())
+        fp += int((keep & ~t["is_cmb"]).sum())
+        n_true += len(c.truth_centres)
+    return {"validation_scans": len(val), "true_cmbs": n_true, "tp_candidates_kept": tp,
+            "fp_per_scan": fp / max(1, len(val))}
+
+
 def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
              disc_steps: int = 300, lr: float = 2e-4, val_fraction: float = 0.2,
              seed: int = 0, batch: int = 4, patch: int = 48) -> Path:
@@ -67,9 +149,6 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
 
     from .models import MODELS_DIR, load_bundle, write_manifest
     from .settings import DetectionSettings
-    from .training import TrainConfig, augment_patch, detector_batch, dice_ce_loss, fit
-    from .training_data import (candidate_table, detector_patches, discriminator_patches,
-                                make_case)
 
     if modality not in MODALITIES:
         raise InputError(f"unknown modality {modality!r}")
@@ -78,14 +157,7 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
     bundle = load_bundle(models_dir or MODELS_DIR, device="cpu")
     base = DetectionSettings.from_dict(dict(bundle.settings)) if bundle.settings else \
         DetectionSettings()
-    cases = []
-    for scan, lab, mask in pairs:
-        vol = read_volume(scan)
-        labels, truth = truth_from_mask(read_volume(lab))
-        if not labels.same_grid(vol, tol=1e-2):
-            raise InputError(f"{lab}: label mask is on another grid than {scan}")
-        cases.append(make_case(stem(scan), vol, modality, labels, None, truth, base,
-                               read_volume(mask) if mask else None))
+    cases = _read_cases(pairs, modality, base)
     train, val = cases[:-n_val], cases[-n_val:]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -93,55 +165,10 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
     ck = out_dir / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
 
-    # Detector.
-    cfg = TrainConfig()  # the bundled detector's sampling and loss settings
-    bank = [detector_patches(c, rng, size=patch + 8, **cfg.detector_sampling()) for c in train]
-    img = np.concatenate([b[0] for b in bank])
-    lab = np.concatenate([b[1] for b in bank])
-    kind = np.concatenate([b[2] for b in bank])
-    pos, neg = np.flatnonzero(kind == 1), np.flatnonzero(kind == 0)
-    if len(pos) == 0:
-        raise InputError("the training scans hold no CMB")
-    det = bundle.detector
-
-    def det_batches(r):
-        idx = np.concatenate([r.choice(pos, batch // 2), r.choice(neg, batch - batch // 2)])
-        return detector_batch(img, lab, idx, r, patch, cfg)
-
-    fit(det, det_batches, steps, ck / "detector.ckpt", lr, 50, "finetune detector",
-        lambda m, b: dice_ce_loss(m(b[0]), b[1], size_weight=b[2]), seed + 1)
-
-    # Student on the fine-tuned detector's candidates (+ every true lesion).
-    low = DetectionSettings(candidate_threshold=0.1)
-    tabs = [candidate_table(c, det, low) for c in train]
-    parts = [discriminator_patches(c, t, rng) for c, t in zip(train, tabs)]
-    x = np.concatenate([p[0] for p in parts])
-    seg = np.concatenate([p[1] for p in parts])
-    cls = np.concatenate([p[2] for p in parts]).astype(np.int64)
-    cpos, cneg = np.flatnonzero(cls == 1), np.flatnonzero(cls == 0)
-    stu = bundle.student
-    if len(cneg):
-        def disc_batches(r):
-            idx = np.concatenate([r.choice(cpos, 8), r.choice(cneg, 8)])
-            xb, _ = zip(*(augment_patch(x[i], seg[i], r) for i in idx))
-            return torch.from_numpy(np.stack(xb)), torch.from_numpy(cls[idx])
-
-        fit(stu, disc_batches, disc_steps, ck / "student.ckpt", lr, 50, "finetune student",
-            lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), seed + 2)
-
-    # Validation: sensitivity of the candidates and of the final decision at the old threshold.
-    from .inference import score_candidates
-
-    tp = fp = n_true = 0
-    for c in val:
-        t = candidate_table(c, det, base)
-        p = score_candidates(stu, np.stack([c.image, c.frst]), t["centres"])
-        keep = p >= base.threshold_for(modality)
-        tp += int((keep & t["is_cmb"]).sum())
-        fp += int((keep & ~t["is_cmb"]).sum())
-        n_true += len(c.truth_centres)
-    metrics = {"validation_scans": len(val), "true_cmbs": n_true, "tp_candidates_kept": tp,
-               "fp_per_scan": fp / max(1, len(val))}
+    det, stu = bundle.detector, bundle.student
+    _tune_detector(det, train, rng, steps, ck / "detector.ckpt", lr, seed, batch, patch)
+    _tune_student(stu, det, train, rng, disc_steps, ck / "student.ckpt", lr, seed)
+    metrics = _validate(val, det, stu, base, modality)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(det.state_dict(), out_dir / "detector.pt")
