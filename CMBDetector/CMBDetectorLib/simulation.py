@@ -48,6 +48,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -60,7 +61,9 @@ MODALITIES = ("gre", "swi", "qsm")
 
 @dataclass
 class SimulationConfig:
-    """Knobs of one simulated subject. ``None`` means: draw at random from the realistic range."""
+    """Knobs of one simulated subject. ``None`` means: draw at random from the realistic range.
+
+    Flat for compatibility; STAGE_FIELDS says which pipeline stage owns each field."""
 
     roi_mm: float | tuple | None = None  # crop: cube / box (mm) of the field of view; None = brain
     roi_center_mni: tuple | None = None  # centre of the crop in template MNI mm (None = random)
@@ -103,6 +106,43 @@ class SimulationConfig:
     swi_power: int = 4
     qsm_blur_vox: float = 0.6
     scale: float = 500.0  # GRE intensity of white matter (arbitrary units)
+
+    def block(self, stage: str) -> SimpleNamespace:
+        """The fields ``stage`` may read (STAGE_FIELDS plus STAGE_BORROWS) as a namespace;
+        reading any other field raises AttributeError."""
+        names = STAGE_FIELDS[stage] + STAGE_BORROWS.get(stage, ())
+        return SimpleNamespace(**{n: getattr(self, n) for n in names})
+
+
+#: Which pipeline stage reads which :class:`SimulationConfig` field; every field has exactly one
+#: owner. The configuration stays flat (training configs and docs/experiments/*.json pass these
+#: names as keyword arguments, and ``config_to_dict`` must not change), but each stage receives
+#: only its block (:meth:`SimulationConfig.block`), so a variant of one stage cannot silently
+#: depend on another stage's knob. What a stage needs from an earlier one travels in the state.
+STAGE_FIELDS = {
+    "protocol": ("te_ms", "b0_t", "b0_dir", "spacing_mm", "min_voxel_mm3", "snr"),
+    "geometry": ("roi_mm", "roi_center_mni", "oblique_deg", "flip_axes", "deform", "deform_mm",
+                 "field_min_mm", "margin_mm"),
+    "iron": ("iron",),
+    "anatomy": (),
+    "tissue": (),
+    "veins": ("veins", "vein_density"),
+    "air": ("air",),
+    "field": (),
+    "signal": ("fine_mm",),
+    "cmbs": ("n_cmbs", "cmb_specs", "cmb_radius_mm", "cmb_chi_ppm", "cmb_dark_context",
+             "min_visible_diameter_mm"),
+    "calcifications": ("calcifications", "calc_specs"),
+    "labels": (),
+    "acquisition": ("noise", "bias", "scale"),
+    "gre": (),
+    "swi": ("homodyne_sigma_mm", "swi_power"),
+    "qsm": ("qsm_blur_vox",),
+    "truth": (),
+}
+#: Fields a stage reads besides its own: dark-context CMB placement looks at the lesion-free
+#: SWI, which must be made exactly as the SWI stage makes it.
+STAGE_BORROWS = {"cmbs": ("homodyne_sigma_mm", "swi_power")}
 
 
 @dataclass
@@ -336,10 +376,10 @@ def _tpl_value(tpl, arr, mni):
     return ndi.map_coordinates(arr, idx, order=1, mode="constant", cval=0.0)
 
 
-def _vein_trees(rng, tpl, cfg):
-    """Vein trees in template MNI mm: list of dict(kind, points (N,3), radii (N,), chi)."""
+def _vein_trees(rng, tpl, dens):
+    """Vein trees in template MNI mm: list of dict(kind, points (N,3), radii (N,), chi);
+    ``dens`` scales the number of pial and medullary veins."""
     trees = []
-    dens = cfg.vein_density
     csf = tpl.brain - tpl.gm - tpl.wm
 
     def sulcal_score(p):
@@ -529,13 +569,13 @@ def _sphere_factor(grid: _Grid, centre, radius, axes_rot, chi, phase_per_ppm, b0
     return sl, fac.astype(np.complex64), frac.astype(np.float32), shp
 
 
-def _homodyne_swi(sig, spacing, cfg):
+def _homodyne_swi(sig, spacing, sigma_mm, power):
     """Homodyne high-pass phase and SWI (magnitude x negative-phase mask^power) of ``sig``."""
-    lp = _smooth_lowres(sig, cfg.homodyne_sigma_mm, spacing)
+    lp = _smooth_lowres(sig, sigma_mm, spacing)
     phase = np.angle(sig * np.conj(lp)).astype(np.float32)
     del lp
     pmask = np.where(phase < 0, (np.pi + phase) / np.pi, 1.0).astype(np.float32)
-    return phase, (np.abs(sig).astype(np.float32) * pmask ** cfg.swi_power).astype(np.float32)
+    return phase, (np.abs(sig).astype(np.float32) * pmask ** power).astype(np.float32)
 
 
 #: A CMB darkens the SWI visibly where it lowers the signal by at least this fraction of the
@@ -576,12 +616,13 @@ def _swi_footprints(cmbs, slabs, cmb_lab, swi, swi_free, brain, voxel_mm3) -> np
     return swi_lab
 
 
-def _dark_context_sites(sig, brain, vein_frac, grid: _Grid, cfg, max_sites: int = 200000):
+def _dark_context_sites(sig, brain, vein_frac, grid: _Grid, sigma_mm, power,
+                        max_sites: int = 200000):
     """Voxel indices of tissue 0.5-3 mm from a voxel that the lesion-free SWI shows dark (below
     half the brain median), itself neither dark nor vein, at least 3 mm inside the grid."""
     from scipy import ndimage as ndi
 
-    swi = _homodyne_swi(sig, grid.spacing, cfg)[1]
+    swi = _homodyne_swi(sig, grid.spacing, sigma_mm, power)[1]
     inside = brain > 0.5
     if not np.any(inside):
         return np.zeros((0, 3), int)
@@ -617,476 +658,707 @@ def _random_ellipsoid(rng, radius, max_ratio=1.3):
 
 
 # ----------------------------------------------------------------------------------------------
-def simulate_subject(seed: int, config: SimulationConfig | None = None) -> SimulatedSubject:
-    """Simulate one subject (GRE, SWI, QSM on one target grid) with ground truth.
+# the pipeline: stages that share one state
+#
+# Each stage draws from ``state.rng`` in the order the single-function simulator did, so a seed
+# gives the same subject as before the split; a stage that draws more (or less) changes every
+# later stage's random numbers, which is why the order of PIPELINE is fixed.
+@dataclass
+class SimState:
+    """What the stages have built so far (one object, so a variant adds a field here instead of
+    threading a value through every call). Arrays named ``*_t`` lie on the target grid ``T``,
+    the others on the field grid ``F`` until the signal stage drops them."""
 
-    A fixed ``seed`` and ``config`` give identical output.
-    """
-    from scipy import ndimage as ndi
+    seed: int
+    rng: np.random.Generator
+    tpl: object  # anatomy.Template
+    timings: dict = field(default_factory=dict)
+    #: configuration values that ``truth['params']`` reports, recorded by the owning stage
+    params: dict = field(default_factory=dict)
+    # protocol
+    te: float = 0.0  # ms
+    b0: float = 0.0  # T
+    spacing: np.ndarray | None = None  # target voxel size (mm)
+    snr: float = 0.0
+    phase_per_ppm: float = 0.0  # rad per ppm at this TE and B0
+    b0_dir: np.ndarray | None = None  # unit vector, RAS
+    # geometry
+    warp: object = None  # anatomy.SubjectWarp
+    T: _Grid | None = None  # target grid
+    F: _Grid | None = None  # field grid (coarser, with margin)
+    shape: np.ndarray | None = None  # T's shape as an array (arithmetic with spacings)
+    same: bool = True  # F has T's spacing, so F -> T is a crop
+    marg: np.ndarray | None = None  # F margin (voxels)
+    cmb_lab: np.ndarray | None = None  # uint16 on T
+    mim_lab: np.ndarray | None = None  # uint16 on T
+    # iron
+    iron_values: list | None = None  # chi of each nucleus in anatomy.NUCLEI order
+    iron_chi: np.ndarray | None = None  # chi by nucleus label
+    nuc_info: dict = field(default_factory=dict)  # label -> (name, centre MNI)
+    # anatomy, tissue
+    an: dict | None = None  # tissue fractions on F (see _sample_anatomy)
+    chi_bone: float = 0.0
+    m0: dict | None = None
+    r2s: dict | None = None
+    chi_w: np.ndarray | None = None  # tissue + iron (+ vein) chi relative to water, on F
+    m0_map: np.ndarray | None = None
+    r2_map: np.ndarray | None = None
+    # veins (and the mimic list every mimic stage appends to)
+    mimics: list = field(default_factory=list)
+    next_id: int = 1
+    vein_frac: np.ndarray | None = None
+    vein_id: np.ndarray | None = None
+    vein_chi_map: np.ndarray | None = None
+    vein_c2: np.ndarray | None = None  # cos^2 of the vein's angle to B0
+    # air, field
+    air: bool = False  # air/bone background present (shim, dropout label)
+    chi_bg: np.ndarray | None = None  # blurred air/bone chi relative to water
+    field_ppm: np.ndarray | None = None
+    grads: list | None = None
+    # signal (target grid)
+    fine_mm: float = 0.25
+    m0_t: np.ndarray | None = None
+    vf_t: np.ndarray | None = None
+    vid_t: np.ndarray | None = None
+    brain_t: np.ndarray | None = None
+    chi_t: np.ndarray | None = None  # chi relative to water inside the brain (QSM truth)
+    nuc_t: np.ndarray | None = None
+    sig: np.ndarray | None = None  # complex64 signal
+    # compact sources
+    cmbs: list = field(default_factory=list)
+    cmb_slabs: list = field(default_factory=list)
+    sig_free: np.ndarray | None = None  # the signal without the CMBs (SWI footprints)
+    # acquisition, images
+    noisy: bool = False
+    gre: np.ndarray | None = None
+    phase: np.ndarray | None = None
+    swi: np.ndarray | None = None
+    swi_lab: np.ndarray | None = None
+    qsm: np.ndarray | None = None
+    subject: SimulatedSubject | None = None
 
-    from .anatomy import NUCLEI, NUCLEUS_OF_LABEL, SINUSES, SubjectWarp, category_of, \
-        load_template
 
-    cfg = config or SimulationConfig()
-    rng = np.random.default_rng(int(seed))
-    t_start = time.perf_counter()
-    timings = {}
-    tpl = load_template()
-    timings["template"] = time.perf_counter() - t_start
-
-    # --- acquisition parameters ---------------------------------------------------------
-    te = float(cfg.te_ms if cfg.te_ms is not None else rng.uniform(15, 40))
-    b0 = float(cfg.b0_t if cfg.b0_t is not None else rng.choice([1.5, 3.0]))
-    if cfg.spacing_mm is not None:
-        spacing = np.broadcast_to(np.asarray(cfg.spacing_mm, float), (3,)).copy()
+def stage_protocol(st: SimState, c) -> None:
+    """Echo time, field strength, voxel size and SNR (drawn first: a seed's identity)."""
+    rng = st.rng
+    st.te = float(c.te_ms if c.te_ms is not None else rng.uniform(15, 40))
+    st.b0 = float(c.b0_t if c.b0_t is not None else rng.choice([1.5, 3.0]))
+    if c.spacing_mm is not None:
+        spacing = np.broadcast_to(np.asarray(c.spacing_mm, float), (3,)).copy()
     else:
         ip = rng.uniform(0.45, 1.0)
         sl = rng.uniform(0.6, 3.0)
-        while ip * ip * sl < cfg.min_voxel_mm3:
+        while ip * ip * sl < c.min_voxel_mm3:
             sl = rng.uniform(0.6, 3.0)
         spacing = np.array([ip, ip, sl])
-    snr = float(cfg.snr if cfg.snr is not None else rng.uniform(25, 60))
-    phase_per_ppm = 2 * np.pi * GAMMA_HZ_PER_T * b0 * te * 1e-3 * 1e-6  # rad per ppm
-    b0_dir = np.asarray(cfg.b0_dir, float) / np.linalg.norm(cfg.b0_dir)
-    rng_w = np.random.default_rng(rng.integers(2 ** 32))
-    warp = SubjectWarp(rng_w if cfg.deform else None, deform_mm=cfg.deform_mm)
+    st.spacing = spacing
+    st.snr = float(c.snr if c.snr is not None else rng.uniform(25, 60))
+    st.phase_per_ppm = 2 * np.pi * GAMMA_HZ_PER_T * st.b0 * st.te * 1e-3 * 1e-6  # rad per ppm
+    st.b0_dir = np.asarray(c.b0_dir, float) / np.linalg.norm(c.b0_dir)
 
-    # --- target grid ----------------------------------------------------------------------
-    rot = _rotation(rng, cfg.oblique_deg)
+
+def stage_geometry(st: SimState, c) -> None:
+    """The subject's warp of the template, the (oblique, maybe flipped) target grid T over the
+    region of interest, and the coarser field grid F with a margin for the dipole field."""
+    from .anatomy import SubjectWarp
+
+    rng, tpl, spacing = st.rng, st.tpl, st.spacing
+    rng_w = np.random.default_rng(rng.integers(2 ** 32))
+    st.warp = warp = SubjectWarp(rng_w if c.deform else None, deform_mm=c.deform_mm)
+    rot = _rotation(rng, c.oblique_deg)
     direction = rot.copy()
     flips = np.ones(3)
-    if cfg.flip_axes:
+    if c.flip_axes:
         flips[:2] = np.where(rng.random(2) < 0.5, -1.0, 1.0)
     direction = direction * flips
-    if cfg.roi_mm is None:
+    if c.roi_mm is None:
         bidx = np.argwhere(tpl.brain[::4, ::4, ::4] > 0.5) * 4
-        pts = warp.to_subject(tpl.to_mni(bidx))
-        loc = pts @ direction
+        loc = warp.to_subject(tpl.to_mni(bidx)) @ direction
         lo_l, hi_l = loc.min(0) - 6, loc.max(0) + 6
     else:
-        size = np.broadcast_to(np.asarray(cfg.roi_mm, float), (3,))
-        if cfg.roi_center_mni is not None:
-            cm = np.asarray(cfg.roi_center_mni, float)
+        size = np.broadcast_to(np.asarray(c.roi_mm, float), (3,))
+        if c.roi_center_mni is not None:
+            cm = np.asarray(c.roi_center_mni, float)
         else:
             cands = tpl.candidates["lobar"]
             cm = cands[rng.integers(len(cands))]
         cs = warp.to_subject(cm[None])[0] @ direction
         lo_l, hi_l = cs - size / 2, cs + size / 2
-    shape = np.maximum(4, np.round((hi_l - lo_l) / spacing)).astype(int)
-    origin = direction @ (lo_l + spacing / 2)
-    T = _Grid(shape, spacing, direction, origin)
-
-    # --- field grid -----------------------------------------------------------------------
-    sF = np.maximum(spacing, cfg.field_min_mm)
-    same = np.allclose(sF, spacing)
-    marg = np.ceil(cfg.margin_mm / sF).astype(int)
-    extent = shape * spacing
-    nF = np.ceil(extent / sF).astype(int) + 2 * marg
+    st.shape = shape = np.maximum(4, np.round((hi_l - lo_l) / spacing)).astype(int)
+    st.T = _Grid(shape, spacing, direction, direction @ (lo_l + spacing / 2))
+    sF = np.maximum(spacing, c.field_min_mm)
+    st.same = same = bool(np.allclose(sF, spacing))
+    st.marg = marg = np.ceil(c.margin_mm / sF).astype(int)
+    nF = np.ceil(shape * spacing / sF).astype(int) + 2 * marg
     oF_local = lo_l + sF / 2 - marg * sF if not same else lo_l + spacing / 2 - marg * spacing
-    F = _Grid(nF, sF, direction, direction @ oF_local)
+    st.F = _Grid(nF, sF, direction, direction @ oF_local)
+    st.cmb_lab = np.zeros(tuple(shape), np.uint16)
+    st.mim_lab = np.zeros(tuple(shape), np.uint16)
+    st.params["roi_mm"] = c.roi_mm
 
-    iron_chi = np.zeros(256, np.float32)
-    nuc_info = {}
-    iron_values = None
-    if cfg.iron:
-        iron_values = []
-        for name, (lab, c, ax, rngc, _) in NUCLEI.items():
-            v = rng.uniform(*rngc)
-            iron_values.append(v)
-            for l, sgn in ((lab, 1), (lab + 1, -1)):
-                iron_chi[l] = v
-                nuc_info[l] = (name, (sgn * c[0], c[1], c[2]))
-    t0 = time.perf_counter()
-    an = _sample_anatomy(F, warp, tpl, iron_values)
-    timings["anatomy"] = time.perf_counter() - t0
 
-    # --- tissue properties ----------------------------------------------------------------
+def stage_iron(st: SimState, c) -> None:
+    """Iron susceptibility of each deep nucleus (drawn before the anatomy, which rasterises it
+    with the tissue fractions); an empty ``nuc_info`` leaves the nuclei unlabelled."""
+    from .anatomy import NUCLEI
+
+    st.iron_chi = np.zeros(256, np.float32)
+    if not c.iron:
+        return
+    st.iron_values = []
+    for name, (lab, cen, ax, rngc, _) in NUCLEI.items():
+        v = st.rng.uniform(*rngc)
+        st.iron_values.append(v)
+        for lbl, sgn in ((lab, 1), (lab + 1, -1)):
+            st.iron_chi[lbl] = v
+            st.nuc_info[lbl] = (name, (sgn * cen[0], cen[1], cen[2]))
+
+
+def stage_anatomy(st: SimState, c) -> None:
+    """Tissue fractions (GM, WM, CSF, bone, scalp, air, sinuses, nuclei, iron) on F."""
+    st.an = _sample_anatomy(st.F, st.warp, st.tpl, st.iron_values)
+
+
+def stage_tissue(st: SimState, c) -> None:
+    """Per-subject tissue chi, R2* and M0 (jittered around literature values) and their maps."""
+    rng, an, b0 = st.rng, st.an, st.b0
     jit = lambda v, r=0.08: v * rng.uniform(1 - r, 1 + r)  # noqa: E731
-    chi_gm, chi_wm, chi_bone = jit(0.02, 0.3), jit(-0.03, 0.3), jit(-2.0, 0.2)
+    chi_gm, chi_wm, st.chi_bone = jit(0.02, 0.3), jit(-0.03, 0.3), jit(-2.0, 0.2)
     r2s_scale = 0.55 + 0.15 * b0
-    r2s = dict(gm=jit(17.0) * r2s_scale, wm=jit(21.0) * r2s_scale, csf=4.0, bone=250.0,
-               scalp=jit(35.0) * r2s_scale)
-    m0 = dict(gm=jit(0.80, 0.04), wm=jit(0.70, 0.04), csf=jit(0.95, 0.05), bone=0.05,
-              scalp=jit(0.9, 0.1))
-    iron = an["iron"] if an["iron"] is not None else np.zeros(F.shape, np.float32)
+    st.r2s = r2s = dict(gm=jit(17.0) * r2s_scale, wm=jit(21.0) * r2s_scale, csf=4.0, bone=250.0,
+                        scalp=jit(35.0) * r2s_scale)
+    st.m0 = m0 = dict(gm=jit(0.80, 0.04), wm=jit(0.70, 0.04), csf=jit(0.95, 0.05), bone=0.05,
+                      scalp=jit(0.9, 0.1))
+    iron = an["iron"] if an["iron"] is not None else np.zeros(st.F.shape, np.float32)
     iron *= np.clip(an["gm"] + an["wm"], 0, 1)
     dr = 137.0 * b0 / 3.0  # Hz/ppm, R2' of iron
-    chi_w = an["gm"] * chi_gm + an["wm"] * chi_wm + iron  # vs water
-    m0_map = (an["gm"] * m0["gm"] + an["wm"] * m0["wm"] + an["csf"] * m0["csf"]
-              + an["bone"] * m0["bone"] + an["scalp"] * m0["scalp"]).astype(np.float32)
-    r2_map = ((an["gm"] * r2s["gm"] + an["wm"] * r2s["wm"] + an["csf"] * r2s["csf"]
-               + an["bone"] * r2s["bone"] + an["scalp"] * r2s["scalp"])
-              / np.maximum(1 - an["air"], 1e-3) + dr * iron).astype(np.float32)
+    st.chi_w = an["gm"] * chi_gm + an["wm"] * chi_wm + iron  # vs water
+    st.m0_map = (an["gm"] * m0["gm"] + an["wm"] * m0["wm"] + an["csf"] * m0["csf"]
+                 + an["bone"] * m0["bone"] + an["scalp"] * m0["scalp"]).astype(np.float32)
+    st.r2_map = ((an["gm"] * r2s["gm"] + an["wm"] * r2s["wm"] + an["csf"] * r2s["csf"]
+                  + an["bone"] * r2s["bone"] + an["scalp"] * r2s["scalp"])
+                 / np.maximum(1 - an["air"], 1e-3) + dr * iron).astype(np.float32)
 
-    # --- veins ----------------------------------------------------------------------------
-    mimics = []
-    next_id = 1
-    vein_frac = np.zeros(F.shape, np.float32)
-    vein_id = np.zeros(F.shape, np.uint16)
-    vein_chi_map = np.zeros(F.shape, np.float32)
-    vein_c2 = np.zeros(F.shape, np.float32)
-    t0 = time.perf_counter()
-    if cfg.veins:
-        trees = _vein_trees(rng, tpl, cfg)
-        # short slice-crossing segments: dots on a single slice, tubular in 3D
-        for _ in range(rng.poisson(10 * cfg.vein_density)):
-            cands = tpl.candidates["lobar"]
-            pr = warp.to_subject(cands[rng.integers(len(cands))][None])[0]
-            nrm = direction[:, 2] + rng.normal(0, 0.25, 3)
-            nrm /= np.linalg.norm(nrm)
-            L = rng.uniform(3.0, 8.0)
-            trees.append(dict(kind="slice_crossing",
-                              points=np.stack([pr - nrm * L / 2, pr, pr + nrm * L / 2]),
-                              radii=np.full(3, rng.uniform(0.35, 0.7)),
-                              chi=rng.uniform(0.25, 0.45), subject_space=True))
-        for tr in trees:
-            pts = tr["points"] if tr.get("subject_space") else warp.to_subject(tr["points"])
-            ijk = F.to_ijk(pts)
-            if not np.any(np.all((ijk > -2) & (ijk < np.array(F.shape) + 1), axis=1)):
-                continue
-            vid = next_id
-            next_id += 1
-            segs = [(pts[q], pts[q + 1], float(tr["radii"][q]), vid) for q in range(len(pts) - 1)]
-            _raster_segments(F, segs, vein_frac, vein_id, vein_c2, b0_dir)
-            mask = vein_id == vid
-            if np.any(mask):
-                vein_chi_map[mask] = tr["chi"]
-            mid = pts[len(pts) // 2]
-            mimics.append(dict(id=vid, type="vein", subtype=tr["kind"],
-                               centre_ras=[float(v) for v in mid],
-                               radius_mm=float(np.mean(tr["radii"])), chi_ppm=float(tr["chi"]),
-                               length_mm=float(np.sum(np.linalg.norm(np.diff(pts, axis=0),
-                                                                      axis=1))),
-                               points_ras=[[round(float(v), 2) for v in p] for p in pts]))
-        # chi of vein voxels without an id (fraction < 0.3): nearest tree's chi, default 0.35
-        vc = np.where(vein_chi_map > 0, vein_chi_map, 0.35).astype(np.float32)
-        chi_w = chi_w + vein_frac * vc
-    timings["veins"] = time.perf_counter() - t0
 
-    # --- field ----------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if cfg.air:
-        # anti-aliased air/bone boundary: a sharp 9.4 ppm step on the grid makes the discrete
-        # dipole kernel ring (~0.01-0.05 ppm ripples deep in the brain, i.e. phase stripes)
-        bg = (1 - an["air"]) * np.float32(CHI_TISSUE_VS_AIR) + an["bone"] * np.float32(chi_bone)
-        chi_air = ndi.gaussian_filter(bg, 0.8) + chi_w  # 0.8 voxel along every axis
-        del bg
-    else:
-        chi_air = chi_w
-    field_ppm = _dipole_field(chi_air, F, b0_dir)
-    del chi_air
-    brainF = an["brain"] > 0.5
-    if cfg.air and np.any(brainF):
+def _vein_mimic(vid, tr, pts) -> dict:
+    mid = pts[len(pts) // 2]
+    return dict(id=vid, type="vein", subtype=tr["kind"], centre_ras=[float(v) for v in mid],
+                radius_mm=float(np.mean(tr["radii"])), chi_ppm=float(tr["chi"]),
+                length_mm=float(np.sum(np.linalg.norm(np.diff(pts, axis=0), axis=1))),
+                points_ras=[[round(float(v), 2) for v in p] for p in pts])
+
+
+def stage_veins(st: SimState, c) -> None:
+    """Vein trees (pial, medullary, deep, sinuses, slice-crossing) rasterised on F; their chi is
+    added to ``chi_w`` and each vein becomes a mimic."""
+    F = st.F
+    st.vein_frac = vein_frac = np.zeros(F.shape, np.float32)
+    st.vein_id = vein_id = np.zeros(F.shape, np.uint16)
+    st.vein_chi_map = vein_chi_map = np.zeros(F.shape, np.float32)
+    st.vein_c2 = np.zeros(F.shape, np.float32)
+    if not c.veins:
+        return
+    rng, warp = st.rng, st.warp
+    trees = _vein_trees(rng, st.tpl, c.vein_density)
+    # short slice-crossing segments: dots on a single slice, tubular in 3D
+    for _ in range(rng.poisson(10 * c.vein_density)):
+        cands = st.tpl.candidates["lobar"]
+        pr = warp.to_subject(cands[rng.integers(len(cands))][None])[0]
+        nrm = st.T.direction[:, 2] + rng.normal(0, 0.25, 3)
+        nrm /= np.linalg.norm(nrm)
+        L = rng.uniform(3.0, 8.0)
+        trees.append(dict(kind="slice_crossing",
+                          points=np.stack([pr - nrm * L / 2, pr, pr + nrm * L / 2]),
+                          radii=np.full(3, rng.uniform(0.35, 0.7)),
+                          chi=rng.uniform(0.25, 0.45), subject_space=True))
+    for tr in trees:
+        pts = tr["points"] if tr.get("subject_space") else warp.to_subject(tr["points"])
+        ijk = F.to_ijk(pts)
+        if not np.any(np.all((ijk > -2) & (ijk < np.array(F.shape) + 1), axis=1)):
+            continue
+        vid = st.next_id
+        st.next_id += 1
+        segs = [(pts[q], pts[q + 1], float(tr["radii"][q]), vid) for q in range(len(pts) - 1)]
+        _raster_segments(F, segs, vein_frac, vein_id, st.vein_c2, st.b0_dir)
+        mask = vein_id == vid
+        if np.any(mask):
+            vein_chi_map[mask] = tr["chi"]
+        st.mimics.append(_vein_mimic(vid, tr, pts))
+    # chi of vein voxels without an id (fraction < 0.3): nearest tree's chi, default 0.35
+    vc = np.where(vein_chi_map > 0, vein_chi_map, 0.35).astype(np.float32)
+    st.chi_w = st.chi_w + vein_frac * vc
+
+
+def stage_air(st: SimState, c) -> None:
+    """Air and bone as susceptibility sources: the background that makes dropout near the
+    sinuses and that the scanner's shim fights."""
+    from scipy import ndimage as ndi
+
+    st.air = bool(c.air)
+    if not c.air:
+        return
+    an = st.an
+    # anti-aliased air/bone boundary: a sharp 9.4 ppm step on the grid makes the discrete
+    # dipole kernel ring (~0.01-0.05 ppm ripples deep in the brain, i.e. phase stripes)
+    bg = (1 - an["air"]) * np.float32(CHI_TISSUE_VS_AIR) + an["bone"] * np.float32(st.chi_bone)
+    st.chi_bg = ndi.gaussian_filter(bg, 0.8)  # 0.8 voxel along every axis
+
+
+def stage_field(st: SimState, c) -> None:
+    """Field of all extended sources on F (k-space dipole), shimmed linearly over the brain
+    when air/bone are present, and its gradient (intravoxel dephasing)."""
+    chi = st.chi_w if st.chi_bg is None else st.chi_bg + st.chi_w
+    st.chi_bg = None
+    field_ppm = _dipole_field(chi, st.F, st.b0_dir)
+    del chi
+    brainF = st.an["brain"] > 0.5
+    if st.air and np.any(brainF):
         # linear shim over the brain (as the scanner does)
         ii = np.argwhere(brainF[::3, ::3, ::3]) * 3
         A = np.c_[np.ones(len(ii)), ii]
         coef = np.linalg.lstsq(A, field_ppm[ii[:, 0], ii[:, 1], ii[:, 2]], rcond=None)[0]
-        gi = [np.arange(n, dtype=np.float32) for n in F.shape]
+        gi = [np.arange(n, dtype=np.float32) for n in st.F.shape]
         field_ppm -= (coef[0] + coef[1] * gi[0][:, None, None] + coef[2] * gi[1][None, :, None]
                       + coef[3] * gi[2][None, None, :]).astype(np.float32)
-    grads = np.gradient(field_ppm)  # ppm per F voxel along i, j, k
-    timings["field"] = time.perf_counter() - t0
+    st.field_ppm = field_ppm
+    st.grads = np.gradient(field_ppm)  # ppm per F voxel along i, j, k
 
-    # --- F -> T -------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if same:
-        sl = tuple(slice(marg[a], marg[a] + shape[a]) for a in range(3))
 
-        def to_t(arr, order=1):
-            return np.ascontiguousarray(arr[sl])
-    else:
-        scale = spacing / sF
-        offs = (T.origin - F.origin) @ direction / sF
+def _to_target(st: SimState, arr, order=1):
+    """``arr`` (on F) on the target grid T: a crop when both share the spacing, else separable
+    linear (order 1) or nearest (order 0) resampling."""
+    if st.same:
+        sl = tuple(slice(st.marg[a], st.marg[a] + st.shape[a]) for a in range(3))
+        return np.ascontiguousarray(arr[sl])
+    sF = st.F.spacing
+    scale = st.spacing / sF
+    offs = (st.T.origin - st.F.origin) @ st.T.direction / sF
+    return np.ascontiguousarray(_resample_axes(arr, scale, offs, tuple(st.shape), order))
 
-        def to_t(arr, order=1):
-            return np.ascontiguousarray(_resample_axes(arr, scale, offs, tuple(shape), order))
-    m0_t = to_t(m0_map)
-    r2_t = to_t(r2_map)
-    fld_t = to_t(field_ppm)
-    vf_t = np.clip(to_t(vein_frac), 0, 1)
-    c2_t = to_t(vein_c2)
-    vchi_t = to_t(np.where(vein_chi_map > 0, vein_chi_map, 0.35).astype(np.float32))
-    vid_t = to_t(vein_id, order=0)
-    brain_t = to_t(an["brain"])
-    chi_t = to_t(chi_w) * (brain_t > 0.5)
-    nuc_t = to_t(an["nuclei"], order=0)
-    deph = np.ones(tuple(shape), np.float32)
+
+def stage_signal(st: SimState, c) -> None:
+    """Complex GRE signal on T: M0, R2* decay, sinc dephasing across each voxel from the field
+    gradient, the field's phase, and the veins' blood compartment by volume fraction. Records
+    ``fine_mm``, the sub-voxel spacing at which the CMB and calcification stages multiply their
+    sources into this signal. The field grid's arrays are dropped here."""
+    rng, te, ppm = st.rng, st.te, st.phase_per_ppm
+    st.fine_mm = c.fine_mm
+    st.params["fine_mm"] = c.fine_mm
+    m0_t = st.m0_t = _to_target(st, st.m0_map)
+    r2_t = _to_target(st, st.r2_map)
+    fld_t = _to_target(st, st.field_ppm)
+    vf_t = st.vf_t = np.clip(_to_target(st, st.vein_frac), 0, 1)
+    c2_t = _to_target(st, st.vein_c2)
+    vchi_t = _to_target(st, np.where(st.vein_chi_map > 0, st.vein_chi_map, 0.35)
+                        .astype(np.float32))
+    st.vid_t = _to_target(st, st.vein_id, order=0)
+    brain_t = st.brain_t = _to_target(st, st.an["brain"])
+    st.chi_t = _to_target(st, st.chi_w) * (brain_t > 0.5)
+    st.nuc_t = _to_target(st, st.an["nuclei"], order=0)
+    deph = np.ones(tuple(st.shape), np.float32)
     for a in range(3):
-        g = to_t(grads[a]) / sF[a] * spacing[a]  # ppm across one target voxel
-        y = np.abs(g * np.float32(phase_per_ppm / 2.0)) + np.float32(1e-6)
+        g = _to_target(st, st.grads[a]) / st.F.spacing[a] * st.spacing[a]  # ppm per T voxel
+        y = np.abs(g * np.float32(ppm / 2.0)) + np.float32(1e-6)
         deph *= np.sin(y) / y
-    del grads
-    timings["resample"] = time.perf_counter() - t0
-
-    # --- signal ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    r2_blood = (25.0 if b0 < 2 else 70.0) * rng.uniform(0.8, 1.2)
+    for name in ("grads", "field_ppm", "m0_map", "r2_map", "chi_w", "vein_frac", "vein_id",
+                 "vein_chi_map", "vein_c2", "an"):
+        setattr(st, name, None)
+    r2_blood = (25.0 if st.b0 < 2 else 70.0) * rng.uniform(0.8, 1.2)
     rel_blood = np.exp(-te * 1e-3 * np.maximum(r2_blood - r2_t, 0)).astype(np.float32)
     # intravascular field of a long cylinder relative to its surroundings:
     # chi/6 (3 cos^2 theta - 1); the blood compartment adds with its own phase (complex partial
     # volume), which is what makes sub-voxel veins dark on GRE/SWI
-    vphase = (np.float32(phase_per_ppm / 6.0) * vchi_t * (3 * c2_t - 1)).astype(np.float32)
+    vphase = (np.float32(ppm / 6.0) * vchi_t * (3 * c2_t - 1)).astype(np.float32)
     comp = (1 - vf_t) + vf_t * rel_blood * 0.9 * np.exp(-1j * vphase)
     mag = m0_t * np.exp(-te * 1e-3 * r2_t) * deph
-    sig = (mag * comp * np.exp(-1j * phase_per_ppm * fld_t)).astype(np.complex64)
-    del mag, deph, r2_t, rel_blood, comp, vphase
+    st.sig = (mag * comp * np.exp(-1j * ppm * fld_t)).astype(np.complex64)
 
-    # --- compact sources: CMBs and calcifications ------------------------------------------
-    cmb_lab = np.zeros(tuple(shape), np.uint16)
-    mim_lab = np.zeros(tuple(shape), np.uint16)
-    cmbs = []
 
-    def inside_fov(p, margin=2.0):
-        ijk = T.to_ijk(np.asarray(p)[None])[0]
-        return np.all(ijk >= margin / spacing) and np.all(ijk <= shape - 1 - margin / spacing)
+def _inside_fov(st: SimState, p, margin=2.0) -> bool:
+    ijk = st.T.to_ijk(np.asarray(p)[None])[0]
+    return np.all(ijk >= margin / st.spacing) and np.all(ijk <= st.shape - 1 - margin / st.spacing)
 
-    def footprint(centre_ras, radius, chi, rho, rot_axes):
-        """The source's signal factor and its labelled footprint; ``seen`` counts the
-        footprint's voxels that are really attenuated (the centre voxel is labelled anyway)."""
-        res = _sphere_factor(T, np.asarray(centre_ras, float), radius, rot_axes, chi,
-                             phase_per_ppm, b0_dir, rho, cfg.fine_mm)
-        if res is None:
-            return None
-        slb, fac, frac, _ = res
-        foot = (np.abs(fac) < 0.6) | (frac >= 0.5)
-        ci = np.round(T.to_ijk(np.asarray(centre_ras)[None])[0]).astype(int)
-        ci = np.clip(ci, 0, np.array(shape) - 1)
-        loc = ci - np.array([s.start for s in slb])
-        forced = 0
-        if np.all(loc >= 0) and np.all(loc < np.array(foot.shape)):
-            forced = int(not foot[tuple(loc)])
-            foot[tuple(loc)] = True
-            lab, _ = ndi.label(foot)
-            foot = lab == lab[tuple(loc)]
-        return slb, fac, frac, foot, int(foot.sum()) - forced
 
-    voxel_mm3 = float(np.prod(spacing))
+def _footprint(st: SimState, centre_ras, radius, chi, rho, rot_axes):
+    """A compact source's signal factor, inside fraction and labelled footprint on T, and how
+    many footprint voxels are really attenuated (the centre voxel is labelled anyway)."""
+    from scipy import ndimage as ndi
 
-    def visible_diameter(fp) -> float:
-        """Equivalent-sphere diameter (mm) of the attenuated part of a footprint."""
-        return 2.0 * float(np.cbrt(3.0 * fp[4] * voxel_mm3 / (4.0 * np.pi)))
+    res = _sphere_factor(st.T, np.asarray(centre_ras, float), radius, rot_axes, chi,
+                         st.phase_per_ppm, st.b0_dir, rho, st.fine_mm)
+    if res is None:
+        return None
+    slb, fac, frac, _ = res
+    foot = (np.abs(fac) < 0.6) | (frac >= 0.5)
+    ci = np.round(st.T.to_ijk(np.asarray(centre_ras)[None])[0]).astype(int)
+    ci = np.clip(ci, 0, np.array(st.shape) - 1)
+    loc = ci - np.array([s.start for s in slb])
+    forced = 0
+    if np.all(loc >= 0) and np.all(loc < np.array(foot.shape)):
+        forced = int(not foot[tuple(loc)])
+        foot[tuple(loc)] = True
+        lab, _ = ndi.label(foot)
+        foot = lab == lab[tuple(loc)]
+    return slb, fac, frac, foot, int(foot.sum()) - forced
 
-    def draw_source():
-        """Susceptibility and true radius of a random CMB (total chi*V is log-normal)."""
-        chi = float(cfg.cmb_chi_ppm if cfg.cmb_chi_ppm is not None else rng.uniform(0.3, 1.0))
-        if cfg.cmb_radius_mm is not None:
-            return chi, float(cfg.cmb_radius_mm)
-        mom = float(np.exp(rng.normal(np.log(2.2), 0.9)))
-        return chi, float(np.clip(np.cbrt(mom / chi / (4 / 3 * np.pi)), 0.4, 4.0))
 
-    specs = []
-    if cfg.cmb_specs:
-        for s in cfg.cmb_specs:
-            c = np.asarray(s["centre_ras"], float)
-            specs.append(dict(centre_ras=c, radius=float(s.get("radius_mm", 1.0)),
-                              chi=float(s.get("chi_ppm", 0.6)), mni=warp.to_template(c[None])[0],
+def _visible_diameter(st: SimState, fp) -> float:
+    """Equivalent-sphere diameter (mm) of the attenuated part of a footprint."""
+    return 2.0 * float(np.cbrt(3.0 * fp[4] * float(np.prod(st.spacing)) / (4.0 * np.pi)))
+
+
+def _draw_cmb_source(rng, c):
+    """Susceptibility and true radius of a random CMB (total chi*V is log-normal)."""
+    chi = float(c.cmb_chi_ppm if c.cmb_chi_ppm is not None else rng.uniform(0.3, 1.0))
+    if c.cmb_radius_mm is not None:
+        return chi, float(c.cmb_radius_mm)
+    mom = float(np.exp(rng.normal(np.log(2.2), 0.9)))
+    return chi, float(np.clip(np.cbrt(mom / chi / (4 / 3 * np.pi)), 0.4, 4.0))
+
+
+def _cmb_site_pool(st: SimState) -> dict:
+    """Candidate CMB centres per category (template and subject mm), 3 mm inside T."""
+    spacing, pool = st.spacing, {}
+    for cat, cands in st.tpl.candidates.items():
+        sub_c = cands[:: max(1, len(cands) // 20000)]
+        pr_all = st.warp.to_subject(sub_c)
+        ijk = st.T.to_ijk(pr_all)
+        ok = np.all((ijk >= 3.0 / spacing) & (ijk <= st.shape - 1 - 3.0 / spacing), axis=1)
+        if np.any(ok):
+            pool[cat] = (sub_c[ok], pr_all[ok])
+    return pool
+
+
+def _random_cmb_specs(st: SimState, c) -> list:
+    """Random CMBs: category by prior (lobar/deep/infratentorial), >= 8 mm apart, a share
+    ``cmb_dark_context`` of them next to what the lesion-free SWI shows dark."""
+    rng, warp, T = st.rng, st.warp, st.T
+    n_c = _sample_count(rng, c)
+    pool = _cmb_site_pool(st) if n_c else {}
+    prior = {"lobar": 0.55, "deep": 0.3, "infratentorial": 0.15}
+    cats = sorted(pool)
+    pw = np.array([prior[k] for k in cats])
+    dark_sites = None
+    if n_c and c.cmb_dark_context > 0:
+        dark_sites = _dark_context_sites(st.sig, st.brain_t, st.vf_t, T, c.homodyne_sigma_mm,
+                                         c.swi_power)
+    specs, tries = [], 0
+    while cats and len(specs) < n_c and tries < 400:
+        tries += 1
+        if (dark_sites is not None and len(dark_sites)
+                and rng.random() < c.cmb_dark_context):
+            q = int(rng.integers(len(dark_sites)))
+            pr = T.to_ras((dark_sites[q] + rng.uniform(-0.5, 0.5, 3))[None])[0]
+            pm = warp.to_template(pr[None])[0]
+        else:
+            cat = cats[int(rng.choice(len(cats), p=pw / pw.sum()))]
+            mni_c, ras_c = pool[cat]
+            q = int(rng.integers(len(mni_c)))
+            jit_mm = rng.uniform(-1, 1, 3)
+            pm = mni_c[q] + jit_mm
+            pr = warp.to_subject(pm[None])[0]
+        if any(np.linalg.norm(pr - s["centre_ras"]) < 8 for s in specs):
+            continue
+        # total susceptibility chi*V (ppm mm^3) is the randomised quantity
+        chi, rad = _draw_cmb_source(rng, c)
+        specs.append(dict(centre_ras=pr, radius=rad, chi=chi, mni=pm,
+                          axes=_random_ellipsoid(rng, rad), random=True))
+    return specs
+
+
+def _add_cmb(st: SimState, s: dict, fp) -> None:
+    """Multiply one CMB into the signal and chi, label its footprint, record its truth."""
+    from .anatomy import category_of
+
+    slb, fac, frac, foot, _ = fp
+    st.sig[slb] *= fac
+    st.chi_t[slb] += s["chi"] * frac
+    st.cmb_slabs.append(slb)
+    cid = len(st.cmbs) + 1
+    sub = st.cmb_lab[slb]
+    sub[foot & (sub == 0)] = cid
+    cat, reg = category_of(s["mni"])
+    st.cmbs.append(dict(id=cid, label=cid, centre_ras=[float(v) for v in s["centre_ras"]],
+                        centre_mni=[round(float(v), 2) for v in s["mni"]],
+                        radius_mm=round(float(s["radius"]), 4), chi_ppm=round(s["chi"], 4),
+                        total_chi_ppm_mm3=round(s["chi"] * 4 / 3 * np.pi * s["radius"] ** 3, 4),
+                        axes_mm=[round(float(v), 3) for v in np.linalg.norm(s["axes"], axis=0)],
+                        category=cat, region=reg, n_label_voxels=int(foot.sum()),
+                        visible_diameter_mm=round(_visible_diameter(st, fp), 3)))
+
+
+def stage_cmbs(st: SimState, c) -> None:
+    """CMBs (explicit or random) multiplied into the signal on a fine sub-grid, so blooming
+    comes from intravoxel dephasing; each labelled by its visible GRE footprint. Keeps the
+    lesion-free signal (``sig_free``) for the SWI footprints."""
+    if c.cmb_specs:
+        specs = []
+        for s in c.cmb_specs:
+            cr = np.asarray(s["centre_ras"], float)
+            specs.append(dict(centre_ras=cr, radius=float(s.get("radius_mm", 1.0)),
+                              chi=float(s.get("chi_ppm", 0.6)),
+                              mni=st.warp.to_template(cr[None])[0],
                               axes=np.eye(3) * float(s.get("radius_mm", 1.0))))
     else:
-        n_c = _sample_count(rng, cfg)
-        pool = {}
-        if n_c:
-            for cat, cands in tpl.candidates.items():
-                sub_c = cands[:: max(1, len(cands) // 20000)]
-                pr_all = warp.to_subject(sub_c)
-                ijk = T.to_ijk(pr_all)
-                ok = np.all((ijk >= 3.0 / spacing) & (ijk <= shape - 1 - 3.0 / spacing), axis=1)
-                if np.any(ok):
-                    pool[cat] = (sub_c[ok], pr_all[ok])
-        prior = {"lobar": 0.55, "deep": 0.3, "infratentorial": 0.15}
-        cats = sorted(pool)
-        pw = np.array([prior[c] for c in cats])
-        dark_sites = None
-        if n_c and cfg.cmb_dark_context > 0:
-            dark_sites = _dark_context_sites(sig, brain_t, vf_t, T, cfg)
-        tries = 0
-        while cats and len(specs) < n_c and tries < 400:
-            tries += 1
-            if (dark_sites is not None and len(dark_sites)
-                    and rng.random() < cfg.cmb_dark_context):
-                q = int(rng.integers(len(dark_sites)))
-                pr = T.to_ras((dark_sites[q] + rng.uniform(-0.5, 0.5, 3))[None])[0]
-                pm = warp.to_template(pr[None])[0]
-            else:
-                cat = cats[int(rng.choice(len(cats), p=pw / pw.sum()))]
-                mni_c, ras_c = pool[cat]
-                q = int(rng.integers(len(mni_c)))
-                jit_mm = rng.uniform(-1, 1, 3)
-                pm = mni_c[q] + jit_mm
-                pr = warp.to_subject(pm[None])[0]
-            if any(np.linalg.norm(pr - s["centre_ras"]) < 8 for s in specs):
-                continue
-            # total susceptibility chi*V (ppm mm^3) is the randomised quantity
-            chi, rad = draw_source()
-            specs.append(dict(centre_ras=pr, radius=rad, chi=chi, mni=pm,
-                              axes=_random_ellipsoid(rng, rad), random=True))
-    min_d = float(cfg.min_visible_diameter_mm)
-    # the same signal without the CMBs, to measure what each CMB changes on SWI (below)
-    sig_free = sig.copy() if specs else None
-    cmb_slabs = []
+        specs = _random_cmb_specs(st, c)
+    min_d = float(c.min_visible_diameter_mm)
+    st.params["min_visible_diameter_mm"] = c.min_visible_diameter_mm
+    # the same signal without the CMBs, to measure what each CMB changes on SWI
+    st.sig_free = st.sig.copy() if specs else None
     for s in specs:
-        fp = footprint(s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j, s["axes"])
+        fp = _footprint(st, s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j, s["axes"])
         if fp is None:
             continue
-        if min_d > 0 and s.get("random") and cfg.cmb_radius_mm is None:
+        if min_d > 0 and s.get("random") and c.cmb_radius_mm is None:
             # a rater marks what the scan shows: redraw a source too faint for this TE, field
             # and voxel size to leave a visible footprint of min_d (drop it after 50 draws)
             tries = 0
-            while visible_diameter(fp) < min_d and tries < 50:
+            while _visible_diameter(st, fp) < min_d and tries < 50:
                 tries += 1
-                s["chi"], s["radius"] = draw_source()
-                s["axes"] = _random_ellipsoid(rng, s["radius"])
-                fp = footprint(s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j, s["axes"])
-            if visible_diameter(fp) < min_d:
+                s["chi"], s["radius"] = _draw_cmb_source(st.rng, c)
+                s["axes"] = _random_ellipsoid(st.rng, s["radius"])
+                fp = _footprint(st, s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j,
+                                s["axes"])
+            if _visible_diameter(st, fp) < min_d:
                 continue
-        slb, fac, frac, foot, _ = fp
-        sig[slb] *= fac
-        chi_t[slb] += s["chi"] * frac
-        cmb_slabs.append(slb)
-        cid = len(cmbs) + 1
-        sub = cmb_lab[slb]
-        sub[foot & (sub == 0)] = cid
-        cat, reg = category_of(s["mni"])
-        cmbs.append(dict(id=cid, label=cid, centre_ras=[float(v) for v in s["centre_ras"]],
-                         centre_mni=[round(float(v), 2) for v in s["mni"]],
-                         radius_mm=round(float(s["radius"]), 4), chi_ppm=round(s["chi"], 4),
-                         total_chi_ppm_mm3=round(s["chi"] * 4 / 3 * np.pi * s["radius"] ** 3, 4),
-                         axes_mm=[round(float(v), 3) for v in np.linalg.norm(s["axes"], axis=0)],
-                         category=cat, region=reg, n_label_voxels=int(foot.sum()),
-                         visible_diameter_mm=round(visible_diameter(fp), 3)))
+        _add_cmb(st, s, fp)
 
-    # calcifications (diamagnetic)
-    calcs = []
-    if cfg.calc_specs:
-        for s in cfg.calc_specs:
-            calcs.append((np.asarray(s["centre_ras"], float), float(s.get("radius_mm", 1.5)),
-                          float(s.get("chi_ppm", -2.0)), s.get("site", "explicit")))
-    elif cfg.calcifications:
-        sites = []
-        if rng.random() < 0.6:
-            sites.append(("pineal", (0.0, -32.0, 2.0), rng.uniform(1.0, 2.5)))
-        if rng.random() < 0.5:
-            for sgn in (1, -1):
-                sites.append(("choroid_plexus", (27.0 * sgn, -42.0, 12.0), rng.uniform(1.0, 2.5)))
-        if rng.random() < 0.2:
-            sg = rng.choice([1, -1])
-            sites.append(("basal_ganglia", (19.0 * sg, -3.0, -1.0), rng.uniform(0.6, 1.5)))
-        for site, cm, rad in sites:
-            pm = np.asarray(cm) + rng.normal(0, 1.5, 3)
-            calcs.append((warp.to_subject(pm[None])[0], rad, rng.uniform(-3.0, -1.0), site))
-    for c, rad, chi, site in calcs:
-        if not inside_fov(c, 0.0):
+
+def _calcification_sites(st: SimState) -> list:
+    """Random calcifications at their usual sites (pineal, choroid plexus, basal ganglia)."""
+    rng, sites, calcs = st.rng, [], []
+    if rng.random() < 0.6:
+        sites.append(("pineal", (0.0, -32.0, 2.0), rng.uniform(1.0, 2.5)))
+    if rng.random() < 0.5:
+        for sgn in (1, -1):
+            sites.append(("choroid_plexus", (27.0 * sgn, -42.0, 12.0), rng.uniform(1.0, 2.5)))
+    if rng.random() < 0.2:
+        sg = rng.choice([1, -1])
+        sites.append(("basal_ganglia", (19.0 * sg, -3.0, -1.0), rng.uniform(0.6, 1.5)))
+    for site, cm, rad in sites:
+        pm = np.asarray(cm) + rng.normal(0, 1.5, 3)
+        calcs.append((st.warp.to_subject(pm[None])[0], rad, rng.uniform(-3.0, -1.0), site))
+    return calcs
+
+
+def stage_calcifications(st: SimState, c) -> None:
+    """Diamagnetic calcifications (explicit or random), multiplied into both signals like the
+    CMBs and labelled as mimics."""
+    if c.calc_specs:
+        calcs = [(np.asarray(s["centre_ras"], float), float(s.get("radius_mm", 1.5)),
+                  float(s.get("chi_ppm", -2.0)), s.get("site", "explicit")) for s in c.calc_specs]
+    elif c.calcifications:
+        calcs = _calcification_sites(st)
+    else:
+        calcs = []
+    for cr, rad, chi, site in calcs:
+        if not _inside_fov(st, cr, 0.0):
             continue
-        fp = footprint(c, rad, chi, 0.15 + 0j, _random_ellipsoid(rng, rad, 1.2))
+        fp = _footprint(st, cr, rad, chi, 0.15 + 0j, _random_ellipsoid(st.rng, rad, 1.2))
         if fp is None:
             continue
         slb, fac, frac, foot, _ = fp
-        sig[slb] *= fac
-        if sig_free is not None:
-            sig_free[slb] *= fac
-        chi_t[slb] += chi * frac
-        vid = next_id
-        next_id += 1
-        sub = mim_lab[slb]
+        st.sig[slb] *= fac
+        if st.sig_free is not None:
+            st.sig_free[slb] *= fac
+        st.chi_t[slb] += chi * frac
+        vid = st.next_id
+        st.next_id += 1
+        sub = st.mim_lab[slb]
         sub[foot & (sub == 0)] = vid
-        mimics.append(dict(id=vid, type="calcification", subtype=site,
-                           centre_ras=[float(v) for v in c], radius_mm=round(rad, 4),
-                           chi_ppm=round(float(chi), 4)))
+        st.mimics.append(dict(id=vid, type="calcification", subtype=site,
+                              centre_ras=[float(v) for v in cr], radius_mm=round(rad, 4),
+                              chi_ppm=round(float(chi), 4)))
 
-    # veins, iron, air dropout into the mimic label map
-    vmask = (vf_t >= 0.3) & (vid_t > 0) & (mim_lab == 0)
-    mim_lab[vmask] = vid_t[vmask]
+
+def stage_labels(st: SimState, c) -> None:
+    """Mimic label map of veins (fraction >= 0.3), iron-laden nuclei and the air dropout
+    (judged on the noise-free signal, hence before the acquisition stage)."""
+    from scipy import ndimage as ndi
+
+    from .anatomy import NUCLEUS_OF_LABEL, SINUSES
+
+    mim_lab, vf_t = st.mim_lab, st.vf_t
+    vmask = (vf_t >= 0.3) & (st.vid_t > 0) & (mim_lab == 0)
+    mim_lab[vmask] = st.vid_t[vmask]
     present = set(np.unique(mim_lab[vmask]).tolist())
-    mimics = [m for m in mimics if m["type"] != "vein" or m["id"] in present]
-    if cfg.iron:
-        for l, (name, cm) in sorted(nuc_info.items()):
-            msk = (nuc_t == l) & (mim_lab == 0)
-            if not np.any(msk):
-                continue
-            vid = next_id
-            next_id += 1
-            mim_lab[msk] = vid
-            mimics.append(dict(id=vid, type="iron", subtype=name,
-                               region=f"{name}_{NUCLEUS_OF_LABEL[l][1]}",
-                               centre_ras=[float(v) for v in warp.to_subject(np.asarray(cm)[None])
-                                           [0]], chi_ppm=round(float(iron_chi[l]), 4)))
-    if cfg.air:
-        drop = (np.abs(sig) < 0.5 * np.abs(m0_t) * np.exp(-te * 1e-3 * 20)) & (brain_t > 0.5)
-        drop &= (mim_lab == 0) & (cmb_lab == 0) & (vf_t < 0.1)
-        drop = ndi.binary_opening(drop)
-        if np.any(drop):
-            vid = next_id
-            next_id += 1
-            mim_lab[drop] = vid
-            cen = T.to_ras(np.argwhere(drop).mean(0)[None])[0]
-            mimics.append(dict(id=vid, type="air_dropout", subtype="skull_base",
-                               centre_ras=[float(v) for v in cen],
-                               sinuses=sorted(SINUSES)))
-    timings["sources"] = time.perf_counter() - t0
+    st.mimics = [m for m in st.mimics if m["type"] != "vein" or m["id"] in present]
+    for lbl, (name, cm) in sorted(st.nuc_info.items()):
+        msk = (st.nuc_t == lbl) & (mim_lab == 0)
+        if not np.any(msk):
+            continue
+        vid = st.next_id
+        st.next_id += 1
+        mim_lab[msk] = vid
+        cen = st.warp.to_subject(np.asarray(cm)[None])[0]
+        st.mimics.append(dict(id=vid, type="iron", subtype=name,
+                              region=f"{name}_{NUCLEUS_OF_LABEL[lbl][1]}",
+                              centre_ras=[float(v) for v in cen],
+                              chi_ppm=round(float(st.iron_chi[lbl]), 4)))
+    if not st.air:
+        return
+    dark = np.abs(st.sig) < 0.5 * np.abs(st.m0_t) * np.exp(-st.te * 1e-3 * 20)
+    drop = dark & (st.brain_t > 0.5)
+    drop &= (mim_lab == 0) & (st.cmb_lab == 0) & (vf_t < 0.1)
+    drop = ndi.binary_opening(drop)
+    if np.any(drop):
+        vid = st.next_id
+        st.next_id += 1
+        mim_lab[drop] = vid
+        cen = st.T.to_ras(np.argwhere(drop).mean(0)[None])[0]
+        st.mimics.append(dict(id=vid, type="air_dropout", subtype="skull_base",
+                              centre_ras=[float(v) for v in cen], sinuses=sorted(SINUSES)))
 
-    # --- bias, noise, images -----------------------------------------------------------
-    t0 = time.perf_counter()
-    if cfg.bias:
-        # smooth multiplicative field: a few separable low-frequency cosine products
-        logb = np.zeros(tuple(shape), np.float32)
-        for _ in range(4):
-            f = [np.cos(np.pi * rng.uniform(0.3, 1.2) * np.linspace(-1, 1, n) + rng.uniform(
-                0, 2 * np.pi)).astype(np.float32) for n in shape]
-            logb += np.float32(rng.normal(0, 0.07)) * (f[0][:, None, None] * f[1][None, :, None]
-                                                        * f[2][None, None, :])
-        for a in range(3):
-            lin = np.linspace(-1, 1, shape[a], dtype=np.float32) * np.float32(rng.normal(0, 0.06))
-            logb += lin.reshape([-1 if q == a else 1 for q in range(3)])
+
+def _bias_field(rng, shape) -> np.ndarray:
+    """Smooth log bias: a few separable low-frequency cosine products plus linear ramps."""
+    logb = np.zeros(tuple(shape), np.float32)
+    for _ in range(4):
+        f = [np.cos(np.pi * rng.uniform(0.3, 1.2) * np.linspace(-1, 1, n) + rng.uniform(
+            0, 2 * np.pi)).astype(np.float32) for n in shape]
+        logb += np.float32(rng.normal(0, 0.07)) * (f[0][:, None, None] * f[1][None, :, None]
+                                                    * f[2][None, None, :])
+    for a in range(3):
+        lin = np.linspace(-1, 1, shape[a], dtype=np.float32) * np.float32(rng.normal(0, 0.06))
+        logb += lin.reshape([-1 if q == a else 1 for q in range(3)])
+    return logb
+
+
+def stage_acquisition(st: SimState, c) -> None:
+    """Receive bias, scaling to ``scale`` in white matter and complex Gaussian noise (Rician
+    magnitude), applied alike to the lesion-free signal."""
+    sig, free = st.sig, st.sig_free
+    if c.bias:
+        logb = _bias_field(st.rng, st.shape)
         sig *= np.exp(logb)
-        if sig_free is not None:
-            sig_free *= np.exp(logb)
+        if free is not None:
+            free *= np.exp(logb)
         del logb
-    wm_ref = m0["wm"] * math.exp(-te * 1e-3 * r2s["wm"])
-    sig *= np.float32(cfg.scale / wm_ref)
-    if sig_free is not None:
-        sig_free *= np.float32(cfg.scale / wm_ref)
-    if cfg.noise:
-        sd = cfg.scale / snr
+    wm_ref = st.m0["wm"] * math.exp(-st.te * 1e-3 * st.r2s["wm"])
+    sig *= np.float32(c.scale / wm_ref)
+    if free is not None:
+        free *= np.float32(c.scale / wm_ref)
+    st.noisy = bool(c.noise)
+    if c.noise:
+        sd = c.scale / st.snr
         for part in ("real", "imag"):
-            nz = rng.standard_normal(sig.shape, dtype=np.float32) * np.float32(sd)
+            nz = st.rng.standard_normal(sig.shape, dtype=np.float32) * np.float32(sd)
             getattr(sig, part)[...] += nz
-            if sig_free is not None:
-                getattr(sig_free, part)[...] += nz
+            if free is not None:
+                getattr(free, part)[...] += nz
             del nz
-    gre = np.abs(sig).astype(np.float32)
-    phase, swi = _homodyne_swi(sig, spacing, cfg)
-    swi_lab = cmb_lab
-    if sig_free is not None:
-        swi_lab = _swi_footprints(cmbs, cmb_slabs, cmb_lab, swi,
-                                  _homodyne_swi(sig_free, spacing, cfg)[1], brain_t > 0.5,
-                                  float(np.prod(spacing)))
-        del sig_free
-    bmask = brain_t > 0.5
-    qsm = ndi.gaussian_filter(chi_t, cfg.qsm_blur_vox)
-    if cfg.noise:
-        qsm += rng.standard_normal(qsm.shape, dtype=np.float32) * np.float32(
-            0.006 * 3.0 / b0 * 40.0 / snr)
-    qsm = (qsm * ndi.binary_erosion(bmask, iterations=1)).astype(np.float32)
-    timings["images"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
 
-    params = dict(seed=int(seed), TE_ms=round(te, 3), B0_T=b0, spacing=[float(v) for v in spacing],
-                  shape_ijk=[int(v) for v in shape], b0_dir_ras=[float(v) for v in b0_dir],
-                  snr=round(snr, 2), phase_rad_per_ppm=round(phase_per_ppm, 4),
-                  field_grid_mm=[float(v) for v in sF], fine_mm=cfg.fine_mm,
-                  roi_mm=cfg.roi_mm, swi_power=cfg.swi_power,
-                  homodyne_sigma_mm=cfg.homodyne_sigma_mm,
+
+def stage_gre(st: SimState, c) -> None:
+    """GRE magnitude."""
+    st.gre = np.abs(st.sig).astype(np.float32)
+
+
+def stage_swi(st: SimState, c) -> None:
+    """SWI by homodyne filtering, and the CMB label map as the SWI shows it (each CMB's SWI
+    footprint, measured against the lesion-free SWI)."""
+    sigma, power, spacing = c.homodyne_sigma_mm, c.swi_power, st.spacing
+    st.params["swi_power"], st.params["homodyne_sigma_mm"] = power, sigma
+    st.phase, st.swi = _homodyne_swi(st.sig, spacing, sigma, power)
+    st.swi_lab = st.cmb_lab
+    if st.sig_free is not None:
+        st.swi_lab = _swi_footprints(st.cmbs, st.cmb_slabs, st.cmb_lab, st.swi,
+                                     _homodyne_swi(st.sig_free, spacing, sigma, power)[1],
+                                     st.brain_t > 0.5, float(np.prod(spacing)))
+        st.sig_free = None
+
+
+def stage_qsm(st: SimState, c) -> None:
+    """QSM: true chi blurred like a reconstruction, noisy when the acquisition was, inside the
+    eroded brain."""
+    from scipy import ndimage as ndi
+
+    qsm = ndi.gaussian_filter(st.chi_t, c.qsm_blur_vox)
+    if st.noisy:
+        qsm += st.rng.standard_normal(qsm.shape, dtype=np.float32) * np.float32(
+            0.006 * 3.0 / st.b0 * 40.0 / st.snr)
+    st.qsm = (qsm * ndi.binary_erosion(st.brain_t > 0.5, iterations=1)).astype(np.float32)
+
+
+def stage_truth(st: SimState, c) -> None:
+    """Truth JSON and the :class:`SimulatedSubject` (volumes on T)."""
+    rec, T = st.params, st.T
+    params = dict(seed=int(st.seed), TE_ms=round(st.te, 3), B0_T=st.b0,
+                  spacing=[float(v) for v in st.spacing], shape_ijk=[int(v) for v in st.shape],
+                  b0_dir_ras=[float(v) for v in st.b0_dir], snr=round(st.snr, 2),
+                  phase_rad_per_ppm=round(st.phase_per_ppm, 4),
+                  field_grid_mm=[float(v) for v in st.F.spacing], fine_mm=rec["fine_mm"],
+                  roi_mm=rec["roi_mm"], swi_power=rec["swi_power"],
+                  homodyne_sigma_mm=rec["homodyne_sigma_mm"],
                   phase_convention="phase = -gamma*dB*TE; paramagnetic -> negative pole phase",
                   cmb_label="visible GRE footprint (>=40% attenuation) + centre voxel",
-                  min_visible_diameter_mm=cfg.min_visible_diameter_mm,
+                  min_visible_diameter_mm=rec["min_visible_diameter_mm"],
                   simulator="CMBDetectorLib.simulation v1")
-    truth = dict(cmbs=cmbs, mimics=mimics, params=params)
-    images = {"gre": T.volume(gre, "gre"), "swi": T.volume(swi, "swi"),
-              "qsm": T.volume(qsm, "qsm")}
-    return SimulatedSubject(images=images, cmb_labels=T.volume(cmb_lab, "cmb"),
-                            mimic_labels=T.volume(mim_lab, "mimics"),
-                            brain_mask=T.volume(bmask.astype(np.uint8), "brainmask"),
-                            truth=truth, phase=T.volume(phase, "phase"), timings=timings,
-                            swi_cmb_labels=T.volume(swi_lab, "cmb_swi"))
+    truth = dict(cmbs=st.cmbs, mimics=st.mimics, params=params)
+    images = {"gre": T.volume(st.gre, "gre"), "swi": T.volume(st.swi, "swi"),
+              "qsm": T.volume(st.qsm, "qsm")}
+    bmask = st.brain_t > 0.5
+    st.subject = SimulatedSubject(images=images, cmb_labels=T.volume(st.cmb_lab, "cmb"),
+                                  mimic_labels=T.volume(st.mim_lab, "mimics"),
+                                  brain_mask=T.volume(bmask.astype(np.uint8), "brainmask"),
+                                  truth=truth, phase=T.volume(st.phase, "phase"),
+                                  timings=st.timings,
+                                  swi_cmb_labels=T.volume(st.swi_lab, "cmb_swi"))
+
+
+#: The stages in the order they run (the order of the random draws; see STAGE_FIELDS for
+#: which configuration fields each one reads).
+PIPELINE = (
+    ("protocol", stage_protocol),
+    ("geometry", stage_geometry),
+    ("iron", stage_iron),
+    ("anatomy", stage_anatomy),
+    ("tissue", stage_tissue),
+    ("veins", stage_veins),
+    ("air", stage_air),
+    ("field", stage_field),
+    ("signal", stage_signal),
+    ("cmbs", stage_cmbs),
+    ("calcifications", stage_calcifications),
+    ("labels", stage_labels),
+    ("acquisition", stage_acquisition),
+    ("gre", stage_gre),
+    ("swi", stage_swi),
+    ("qsm", stage_qsm),
+    ("truth", stage_truth),
+)
+
+
+def run_stages(seed: int, config: SimulationConfig | None = None,
+               until: str | None = None) -> SimState:
+    """Run the pipeline (up to and including stage ``until``) and return its state; each stage
+    gets the block of its own configuration fields only."""
+    from .anatomy import load_template
+
+    names = [n for n, _ in PIPELINE]
+    if until is not None and until not in names:
+        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(names)}")
+    cfg = config or SimulationConfig()
+    rng = np.random.default_rng(int(seed))
+    t_start = time.perf_counter()
+    st = SimState(seed=int(seed), rng=rng, tpl=load_template())
+    st.timings["template"] = time.perf_counter() - t_start
+    for name, stage in PIPELINE:
+        t0 = time.perf_counter()
+        stage(st, cfg.block(name))
+        st.timings[name] = time.perf_counter() - t0
+        if name == until:
+            break
+    st.timings["total"] = time.perf_counter() - t_start
+    return st
+
+
+def simulate_subject(seed: int, config: SimulationConfig | None = None) -> SimulatedSubject:
+    """Simulate one subject (GRE, SWI, QSM on one target grid) with ground truth.
+
+    A fixed ``seed`` and ``config`` give identical output.
+    """
+    return run_stages(seed, config).subject
 
 
 def write_subject(subject: SimulatedSubject, out_dir, stem: str, modalities=MODALITIES,
