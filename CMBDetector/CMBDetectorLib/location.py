@@ -175,42 +175,34 @@ def _labels_csv(path: Path) -> dict:
         return {int(r["index"]): r["name"] for r in csv.DictReader(f)}
 
 
-@functools.lru_cache(maxsize=1)
-def region_map() -> RegionMap:
-    """Build the MARS-style region map from Neuromorphometrics (1.5 mm MNI grid), once.
+class _RegionTable:
+    """Region names and MARS groups in order of first use (index 0: outside the brain)."""
 
-    Neuromorphometrics has cortical gyri, deep nuclei, brainstem and cerebellum but one label for
-    all cerebral white matter; the white matter is split here geometrically (distances in mm):
+    def __init__(self):
+        self.names, self.groups = [""], [""]
+        self._index_of: dict = {}
 
-    * corpus callosum: within 8 mm of the mid-sagittal plane;
-    * internal capsule: within 5 mm of the lentiform nucleus and of thalamus or caudate;
-    * external capsule: within 4 mm lateral of the putamen;
-    * juxtacortical (lobar, lobe of the nearest cortex): within ``JUXTACORTICAL_MM`` of cortex;
-    * otherwise deep white matter (periventricular if within 10 mm of a lateral ventricle).
+    def index(self, group: str, name: str) -> int:
+        """The region's index, added to the table on first use."""
+        key = (group, name)
+        if key not in self._index_of:
+            self._index_of[key] = len(self.names)
+            self.names.append(name)
+            self.groups.append(group)
+        return self._index_of[key]
 
-    Non-tissue voxels (CSF, ventricles, vessels) take the region of the nearest tissue voxel.
-    """
+
+def _distance_to(mask: np.ndarray, sampling: tuple) -> np.ndarray:
+    """Distance (mm) of every voxel to the nearest voxel of ``mask``."""
     from scipy import ndimage as ndi
 
-    t0 = time.perf_counter()
-    adir = atlas_dir()
-    atlas = _read(adir / "atlas_neuromorphometrics.nii.gz")
-    labels = _labels_csv(adir / "labels_neuromorphometrics.csv")
-    lab = np.asarray(atlas.array, np.int32)
-    sp = atlas.spacing  # (i, j, k) mm
-    sampling = tuple(float(s) for s in sp[::-1])  # array order k, j, i
+    return ndi.distance_transform_edt(~mask, sampling=sampling)
 
-    names, groups = [""], [""]
-    index_of: dict = {}
 
-    def region(group: str, name: str) -> int:
-        key = (group, name)
-        if key not in index_of:
-            index_of[key] = len(names)
-            names.append(name)
-            groups.append(group)
-        return index_of[key]
-
+def _atlas_regions(lab: np.ndarray, labels: dict, table: _RegionTable) -> tuple:
+    """Cortical and subcortical regions straight from the atlas labels; also the cortex, the
+    lobe each cortical voxel gives its white matter, the white matter and the landmarks
+    (``lent``, ``put``, ``thal_caud``, ``latvent``) the white-matter split needs."""
     out = np.zeros(lab.shape, np.int16)
     cortex = np.zeros(lab.shape, bool)
     lobe_label = np.zeros(lab.shape, np.int16)  # region index of the lobe's white matter
@@ -226,9 +218,9 @@ def region_map() -> RegionMap:
             lobe = _LOBE_OF_CODE.get(code)
             if lobe is None:
                 continue
-            out[sel] = region(lobe, long.replace("_", " "))
+            out[sel] = table.index(lobe, long.replace("_", " "))
             cortex |= sel
-            lobe_label[sel] = region(lobe, f"{lobe} white matter (juxtacortical)")
+            lobe_label[sel] = table.index(lobe, f"{lobe} white matter (juxtacortical)")
             continue
         if "Cerebral_White_Matter" in raw:
             wm |= sel
@@ -237,7 +229,7 @@ def region_map() -> RegionMap:
             part["latvent"] |= sel
         for frag, (group, name) in _SUBCORTICAL.items():
             if frag in raw:
-                out[sel] = region(group, name)
+                out[sel] = table.index(group, name)
                 if frag in ("Putamen", "Pallidum"):
                     part["lent"] |= sel
                 if frag == "Putamen":
@@ -247,33 +239,42 @@ def region_map() -> RegionMap:
                 break
         if value in (49, 50, 51, 52) or "Amygdala" in raw or "Hippocampus" in raw:
             pass  # temporal horn/ventricles filled below from the nearest tissue
+    return out, cortex, lobe_label, wm, part
 
-    def dist(mask):
-        return ndi.distance_transform_edt(~mask, sampling=sampling)
 
-    # White matter split.
+def _split_white_matter(out: np.ndarray, atlas: Volume, wm, cortex, lobe_label, part: dict,
+                        sampling: tuple, table: _RegionTable) -> None:
+    """Give the atlas's single white-matter label its MARS regions (see :func:`region_map`)."""
+    from scipy import ndimage as ndi
+
     ras = _grid_ras(atlas)
     x = ras[..., 0]
-    d_lent, d_tc = dist(part["lent"]), dist(part["thal_caud"])
+    d_lent, d_tc = _distance_to(part["lent"], sampling), _distance_to(part["thal_caud"], sampling)
     d_put, idx_put = ndi.distance_transform_edt(~part["put"], sampling=sampling,
                                                 return_indices=True)
     d_ctx, idx_ctx = ndi.distance_transform_edt(~cortex, sampling=sampling, return_indices=True)
-    d_vent = dist(part["latvent"])
+    d_vent = _distance_to(part["latvent"], sampling)
     near_put_x = x[tuple(idx_put)]
     cc = wm & (np.abs(x) <= 8.0)
     ic = wm & ~cc & (d_lent <= 5.0) & (d_tc <= 5.0)
     ec = wm & ~cc & ~ic & (d_put <= 4.0) & (np.abs(x) > np.abs(near_put_x))
     juxta = wm & ~cc & ~ic & ~ec & (d_ctx <= JUXTACORTICAL_MM)
     rest = wm & ~cc & ~ic & ~ec & ~juxta
-    out[cc] = region("corpus callosum", "corpus callosum")
-    out[ic] = region("internal capsule", "internal capsule")
-    out[ec] = region("external capsule", "external capsule")
+    out[cc] = table.index("corpus callosum", "corpus callosum")
+    out[ic] = table.index("internal capsule", "internal capsule")
+    out[ec] = table.index("external capsule", "external capsule")
     out[juxta] = lobe_label[tuple(i[juxta] for i in idx_ctx)]
     peri = rest & (d_vent <= 10.0)
-    out[peri] = region("deep and periventricular white matter", "periventricular white matter")
-    out[rest & ~peri] = region("deep and periventricular white matter", "deep white matter")
+    out[peri] = table.index("deep and periventricular white matter",
+                            "periventricular white matter")
+    out[rest & ~peri] = table.index("deep and periventricular white matter", "deep white matter")
 
-    # Fill CSF/ventricles/vessels (and a 3 mm rim outside the atlas brain) from nearest tissue.
+
+def _fill_from_nearest_tissue(out: np.ndarray, lab: np.ndarray, sampling: tuple) -> None:
+    """CSF, ventricles, vessels and a 3 mm rim outside the atlas brain take the region of the
+    nearest tissue voxel, so a lesion there still gets a region."""
+    from scipy import ndimage as ndi
+
     tissue = out > 0
     brain = ndi.binary_closing(lab > 0, iterations=2)
     brain = ndi.binary_dilation(brain, iterations=2)  # 3 mm at 1.5 mm voxels
@@ -281,17 +282,50 @@ def region_map() -> RegionMap:
     fill = brain & ~tissue
     out[fill] = out[tuple(i[fill] for i in idx)]
 
-    # Distance to another category, for the "uncertain" flag.
+
+def _category_boundary(out: np.ndarray, groups: list, sampling: tuple) -> np.ndarray:
+    """Distance (mm) of each voxel to the nearest voxel of another category (``uncertain``)."""
     cat_of_index = np.array([CATEGORIES.index(GROUP_CATEGORY[g]) + 1 if g else 0
                              for g in groups], np.int8)
     cat = cat_of_index[out]
-    boundary = np.full(lab.shape, np.inf, np.float32)
+    boundary = np.full(out.shape, np.inf, np.float32)
     for c in (1, 2, 3):
         sel = cat == c
         other = (cat > 0) & ~sel
         if other.any():
-            boundary[sel] = dist(other)[sel]
-    return RegionMap(atlas.with_array(out), names, groups, boundary,
+            boundary[sel] = _distance_to(other, sampling)[sel]
+    return boundary
+
+
+@functools.lru_cache(maxsize=1)
+def region_map() -> RegionMap:
+    """Build the MARS-style region map from Neuromorphometrics (1.5 mm MNI grid), once.
+
+    Neuromorphometrics has cortical gyri, deep nuclei, brainstem and cerebellum but one label for
+    all cerebral white matter; the white matter is split here geometrically (distances in mm):
+
+    * corpus callosum: within 8 mm of the mid-sagittal plane;
+    * internal capsule: within 5 mm of the lentiform nucleus and of thalamus or caudate;
+    * external capsule: within 4 mm lateral of the putamen;
+    * juxtacortical (lobar, lobe of the nearest cortex): within ``JUXTACORTICAL_MM`` of cortex;
+    * otherwise deep white matter (periventricular if within 10 mm of a lateral ventricle).
+
+    Non-tissue voxels (CSF, ventricles, vessels) take the region of the nearest tissue voxel.
+    """
+    t0 = time.perf_counter()
+    adir = atlas_dir()
+    atlas = _read(adir / "atlas_neuromorphometrics.nii.gz")
+    labels = _labels_csv(adir / "labels_neuromorphometrics.csv")
+    lab = np.asarray(atlas.array, np.int32)
+    sp = atlas.spacing  # (i, j, k) mm
+    sampling = tuple(float(s) for s in sp[::-1])  # array order k, j, i
+
+    table = _RegionTable()
+    out, cortex, lobe_label, wm, part = _atlas_regions(lab, labels, table)
+    _split_white_matter(out, atlas, wm, cortex, lobe_label, part, sampling, table)
+    _fill_from_nearest_tissue(out, lab, sampling)
+    boundary = _category_boundary(out, table.groups, sampling)
+    return RegionMap(atlas.with_array(out), table.names, table.groups, boundary,
                      time.perf_counter() - t0)
 
 
@@ -467,6 +501,85 @@ def _two_levels(reg, sigma_mm: float) -> None:
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
 
 
+def _fixed_image(volume: Volume, modality, brain_mask) -> tuple:
+    """The scan on the registration grid, normalised inside its brain mask, and that mask."""
+    import SimpleITK as sitk
+
+    fixed = _to_reg_grid(volume)
+    fmask = _scan_mask(fixed, modality, brain_mask, volume)
+    if sitk.GetArrayViewFromImage(fmask).sum() < 100:
+        raise InputError("location: the brain mask is empty; cannot register to MNI")
+    return _unit(fixed, fmask), fmask
+
+
+def _similarity_stage(fmask, tpl):
+    """Stage 1: align the smoothed brain masks with a similarity transform (mean squares)."""
+    import SimpleITK as sitk
+
+    fm = sitk.SmoothingRecursiveGaussian(sitk.Cast(fmask, sitk.sitkFloat32), 4.0)
+    mm = sitk.SmoothingRecursiveGaussian(sitk.Cast(tpl.mask, sitk.sitkFloat32), 4.0)
+    init = sitk.CenteredTransformInitializer(
+        fm, mm, sitk.Similarity3DTransform(),
+        sitk.CenteredTransformInitializerFilter.MOMENTS)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMeanSquares()
+    reg.SetMetricSamplingStrategy(reg.REGULAR)
+    reg.SetMetricSamplingPercentage(0.5, seed=1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 150, relaxationFactor=0.6)
+    _two_levels(reg, 2.0)
+    reg.SetInitialTransform(init, inPlace=True)
+    reg.Execute(fm, mm)
+    return init
+
+
+def _affine_stage(init, fixed, fmask, tpl) -> tuple:
+    """Stage 2: refine an affine from the similarity with Mattes MI inside the masks;
+    returns the affine and the final metric value."""
+    import SimpleITK as sitk
+
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(init.GetCenter())
+    affine.SetMatrix(init.GetMatrix())
+    affine.SetTranslation(init.GetTranslation())
+    reg = _mi_registration(fmask, tpl.mask, bins=32, sampling=0.3)
+    reg.SetOptimizerAsRegularStepGradientDescent(0.5, 1e-3, 100, relaxationFactor=0.6)
+    _two_levels(reg, 1.0)
+    reg.SetInitialTransform(affine, inPlace=True)
+    reg.Execute(fixed, tpl.t1)
+    return affine, reg.GetMetricValue()
+
+
+def _bspline_stage(affine, fixed, fmask, tpl) -> tuple:
+    """Stage 3: a coarse B-spline on top of the affine (Mattes MI, few L-BFGS-B iterations);
+    returns the B-spline and the final metric value."""
+    import SimpleITK as sitk
+
+    mesh = [max(2, int(round(sz * sp / BSPLINE_MESH_MM))) for sz, sp in
+            zip(fixed.GetSize(), fixed.GetSpacing())]
+    bs = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+    reg = _mi_registration(fmask, tpl.mask, bins=32, sampling=BSPLINE_SAMPLING)
+    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5,
+                             numberOfIterations=BSPLINE_ITERATIONS,
+                             maximumNumberOfCorrections=5,
+                             maximumNumberOfFunctionEvaluations=2 * BSPLINE_ITERATIONS,
+                             costFunctionConvergenceFactor=1e7)
+    reg.SetMovingInitialTransform(affine)
+    reg.SetInitialTransform(bs, inPlace=True)
+    reg.Execute(fixed, tpl.t1)
+    return bs, reg.GetMetricValue()
+
+
+def _mask_dice(tpl_mask, fmask, transform) -> float:
+    """Dice of the template brain mask warped onto the scan with the scan's brain mask."""
+    import SimpleITK as sitk
+
+    warped = sitk.Resample(tpl_mask, fmask, transform, sitk.sitkNearestNeighbor, 0)
+    a = sitk.GetArrayViewFromImage(warped) > 0
+    b = sitk.GetArrayViewFromImage(fmask) > 0
+    return float(2.0 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
 def register_to_mni(volume: Volume, brain_mask=None, modality: str | None = None,
                     deformable: bool = True, progress=None) -> MNIRegistration:
     """Register the scan to the MNI152 2009 template (contrast-robust), measure the quality.
@@ -498,72 +611,29 @@ def register_to_mni(volume: Volume, brain_mask=None, modality: str | None = None
     tpl = _template(REG_SPACING_MM)
     stages = {"template_s": time.perf_counter() - t0}
     prog("location: scan mask", 0.1)
-    fixed = _to_reg_grid(volume)
-    fmask = _scan_mask(fixed, modality, brain_mask, volume)
-    if sitk.GetArrayViewFromImage(fmask).sum() < 100:
-        raise InputError("location: the brain mask is empty; cannot register to MNI")
-    fixed = _unit(fixed, fmask)
+    fixed, fmask = _fixed_image(volume, modality, brain_mask)
     stages["prepare_s"] = time.perf_counter() - t0 - stages["template_s"]
 
-    # Stage 1: masks, similarity transform.
     prog("location: rigid", 0.2)
     ts = time.perf_counter()
-    fm = sitk.SmoothingRecursiveGaussian(sitk.Cast(fmask, sitk.sitkFloat32), 4.0)
-    mm = sitk.SmoothingRecursiveGaussian(sitk.Cast(tpl.mask, sitk.sitkFloat32), 4.0)
-    init = sitk.CenteredTransformInitializer(
-        fm, mm, sitk.Similarity3DTransform(),
-        sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMeanSquares()
-    reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(0.5, seed=1)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 150, relaxationFactor=0.6)
-    _two_levels(reg, 2.0)
-    reg.SetInitialTransform(init, inPlace=True)
-    reg.Execute(fm, mm)
+    init = _similarity_stage(fmask, tpl)
     stages["similarity_s"] = time.perf_counter() - ts
 
-    # Stage 2: affine, Mattes MI on intensities inside the masks.
     prog("location: affine", 0.4)
     ts = time.perf_counter()
-    affine = sitk.AffineTransform(3)
-    affine.SetCenter(init.GetCenter())
-    affine.SetMatrix(init.GetMatrix())
-    affine.SetTranslation(init.GetTranslation())
-    reg = _mi_registration(fmask, tpl.mask, bins=32, sampling=0.3)
-    reg.SetOptimizerAsRegularStepGradientDescent(0.5, 1e-3, 100, relaxationFactor=0.6)
-    _two_levels(reg, 1.0)
-    reg.SetInitialTransform(affine, inPlace=True)
-    reg.Execute(fixed, tpl.t1)
-    mi_value = reg.GetMetricValue()
+    affine, mi_value = _affine_stage(init, fixed, fmask, tpl)
     stages["affine_s"] = time.perf_counter() - ts
     transform = sitk.CompositeTransform([affine])
 
     if deformable:
         prog("location: deformable", 0.6)
         ts = time.perf_counter()
-        mesh = [max(2, int(round(sz * sp / BSPLINE_MESH_MM))) for sz, sp in
-                zip(fixed.GetSize(), fixed.GetSpacing())]
-        bs = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-        reg = _mi_registration(fmask, tpl.mask, bins=32, sampling=BSPLINE_SAMPLING)
-        reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5,
-                                 numberOfIterations=BSPLINE_ITERATIONS,
-                                 maximumNumberOfCorrections=5,
-                                 maximumNumberOfFunctionEvaluations=2 * BSPLINE_ITERATIONS,
-                                 costFunctionConvergenceFactor=1e7)
-        reg.SetMovingInitialTransform(affine)
-        reg.SetInitialTransform(bs, inPlace=True)
-        reg.Execute(fixed, tpl.t1)
-        mi_value = reg.GetMetricValue()
+        bs, mi_value = _bspline_stage(affine, fixed, fmask, tpl)
         transform = sitk.CompositeTransform([affine, bs])
         stages["bspline_s"] = time.perf_counter() - ts
 
     prog("location: quality", 0.9)
-    warped = sitk.Resample(tpl.mask, fmask, transform, sitk.sitkNearestNeighbor, 0)
-    a = sitk.GetArrayViewFromImage(warped) > 0
-    b = sitk.GetArrayViewFromImage(fmask) > 0
-    dice = float(2.0 * (a & b).sum() / max(1, a.sum() + b.sum()))
+    dice = _mask_dice(tpl.mask, fmask, transform)
     ok = dice >= MIN_DICE
     warning = "" if ok else (f"registration to MNI looks poor (brain-mask Dice {dice:.2f} < "
                              f"{MIN_DICE:.2f}); lesion categories are uncertain, check them")
