@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The library never sets SimpleITK's process-wide thread count (it would slow every filter in
+# Slicer); the tests limit it the way ITK reads it, from the environment.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", os.environ["OMP_NUM_THREADS"])
 
 
 @pytest.fixture(scope="session", autouse=True)

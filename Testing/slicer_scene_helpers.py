@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from CMBDetectorLib.standins import (TRUTH, dark_blob_detector, rotation,  # noqa: F401
-                                     slow_detector, synthetic_scan)
+from CMBDetectorLib.standins import (TRUTH, add_linear_transform, add_volume,  # noqa: F401
+                                     dark_blob_detector, rotation, slow_detector,
+                                     synthetic_scan)
 
 
 def make_app():
@@ -41,29 +42,6 @@ def make_app():
         app.SetModuleLogic(name, logic)
         logics[name] = logic
     return scene, app, logics
-
-
-def add_volume(scene, array, ijk_to_ras, name="sub-01_swi", cls="vtkMRMLScalarVolumeNode"):
-    """Volume node from numpy (the same path slicer.util.addVolumeFromArray takes)."""
-    from CMBDetectorLib.mrml import image_data_from_array, set_ijk_to_ras
-
-    node = scene.AddNewNodeByClass(cls, name)
-    node.SetAndObserveImageData(image_data_from_array(array))
-    set_ijk_to_ras(node, ijk_to_ras)
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
-def add_linear_transform(scene, matrix, name="registration"):
-    import vtk
-
-    t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(matrix[r, c]))
-    t.SetMatrixTransformToParent(m)
-    return t
 
 
 @pytest.fixture()

@@ -471,15 +471,6 @@ def test_brain_mask_reaches_the_detector(scene, scan, in_worker):
     assert err[0] > 3.0 and err[1:].max() < 1.0, err
 
 
-def test_torch_info_reports_version_and_device():
-    torch = pytest.importorskip("torch")
-    from CMBDetectorLib.logic import torch_info
-
-    info = torch_info()
-    assert info["installed"] and info["version"] == torch.__version__
-    assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def test_location_columns_and_live_summary(scene, tmp_path):
     """Lesions placed at the demo's true CMBs get category/region/side in the table; the panel
     summary follows the review (rejected excluded) and the report is written."""

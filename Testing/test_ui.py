@@ -108,10 +108,36 @@ def test_bound_parameters_exist_in_parameter_node(tree, ui_widgets):
                 bound[name] = prop.find("string").text
     assert set(bound.values()) <= fields, set(bound.values()) - fields
     assert {"inputVolume", "modality", "mask", "threshold", "device"} <= set(bound.values())
-    # choices in the parameter node match the combo boxes
-    text = SOURCE.read_text()
-    assert 'Choice(["Auto", "CPU", "GPU"])' in text
-    assert 'MODALITY_LABELS = ("SWI", "T2*-GRE", "QSM")' in text
+    # the modality choices the controller knows are the combo box's items
+    from CMBDetectorLib.panel import MODALITY_LABELS
+
+    items = [i.find("property/string").text for i in ui_widgets["modalityComboBox"].findall("item")]
+    assert tuple(items) == MODALITY_LABELS
+
+
+def test_every_control_the_controller_drives_exists(ui_widgets):
+    """The widget enables/disables controls by the names the controller gives."""
+    from CMBDetectorLib.panel import INPUT_CONTROLS, REVIEW_CONTROLS
+
+    names = set(INPUT_CONTROLS + REVIEW_CONTROLS + ("detectButton", "cancelButton"))
+    assert names <= set(ui_widgets), names - set(ui_widgets)
+
+
+def test_category_is_slicers_own_and_contributors_agree(tree):
+    """The category is translated in Slicer's context (one shared category in every language);
+    contributors are "Name (Org)" and the same in the module, CMake and the .s4ext."""
+    module = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CMBDetector")
+    cat = next(n for n in ast.walk(module) if isinstance(n, ast.Assign)
+               and ast.unparse(n.targets[0]) == "self.parent.categories")
+    call = cat.value.elts[0]
+    assert ast.unparse(call.func) == "translate"
+    assert [a.value for a in call.args] == ["qSlicerAbstractCoreModule", "Quantification"]
+    contributors = next(n.value for n in tree.body if isinstance(n, ast.Assign)
+                        and getattr(n.targets[0], "id", "") == "CONTRIBUTORS")
+    names = [e.value for e in contributors.elts]
+    assert names and all(re.fullmatch(r"[^()]+ \([^()]+\)", n) for n in names), names
+    cm = dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text()))
+    assert cm["EXTENSION_CONTRIBUTORS"] == ", ".join(names)
 
 
 def test_icon_is_128_png():

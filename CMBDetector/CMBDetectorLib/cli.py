@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -51,6 +52,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _threads_from_environment() -> None:
+    """``OMP_NUM_THREADS`` also limits SimpleITK (registration) in this command's process.
+    Process-wide, so only entry points that own their process do it, never the library."""
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    if n.isdigit() and int(n) > 0:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in SUBCOMMANDS), None)
@@ -63,6 +74,7 @@ def main(argv=None) -> int:
         print(f"cmbdetector: error: '{args.command}' is not available in this build",
               file=sys.stderr)
         return 2
+    _threads_from_environment()
     try:
         return int(_module(args._module).run_command(args) or 0)
     except CMBError as exc:

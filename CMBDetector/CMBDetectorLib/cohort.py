@@ -331,6 +331,9 @@ def _set_threads(threads: int | None) -> None:
         os.environ[var] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(threads))
+    import SimpleITK as sitk  # this task's own process: a process-wide limit is fine here
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
 
 
 def run_scan(scan: dict, out_root: str, config: dict) -> dict:

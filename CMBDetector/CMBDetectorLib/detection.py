@@ -6,6 +6,7 @@ processing. It never modifies its input and reports geometry in RAS and input vo
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 
@@ -94,16 +95,19 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
     prep = prepare(volume, modality, mask, settings)
     channels = np.stack([prep.image, prep.frst]).astype(np.float32)
 
-    prog.stage("candidate detection")
-    prob = predict_volume(models.detector, channels, settings.tile_size, settings.tile_overlap,
-                          progress=prog.update, cancel=prog.check)
-    labels, voxels, pmax, centres = extract_candidates(prob, settings.candidate_threshold,
-                                                       prep.mask)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. CUDA out of memory -> CPU
+        warnings.simplefilter("always", RuntimeWarning)
+        prog.stage("candidate detection")
+        prob = predict_volume(models.detector, channels, settings.tile_size,
+                              settings.tile_overlap, progress=prog.update, cancel=prog.check)
+        labels, voxels, pmax, centres = extract_candidates(prob, settings.candidate_threshold,
+                                                           prep.mask)
 
-    prog.stage("discrimination")
-    patch = int(models.manifest.get("patch_size", 24)) if hasattr(models, "manifest") else 24
-    conf = score_candidates(models.student, channels, centres, patch, settings.batch_size,
-                            settings.mirrored_scoring)
+        prog.stage("discrimination")
+        patch = int(models.manifest.get("patch_size", 24)) if hasattr(models, "manifest") else 24
+        conf = score_candidates(models.student, channels, centres, patch, settings.batch_size,
+                                settings.mirrored_scoring)
+    notes = _reissue(caught)
 
     prog.stage("clean-up")
     spacing = prep.grid.spacing
@@ -125,7 +129,31 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
                            threshold=settings.threshold_for(prep.modality),
                            timings=prog.timings, model_version=getattr(models, "version", ""),
                            settings=settings.to_dict(),
-                           brain_mask=mask_input.astype(np.uint8))
+                           brain_mask=mask_input.astype(np.uint8),
+                           device=device_used(models), warnings=notes)
+
+
+def _reissue(caught) -> list:
+    """Show recorded warnings again (the CLI prints them) and return their texts for the
+    result, so a GPU-to-CPU fallback is also visible in Slicer and in detection.json."""
+    notes = []
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        notes.append(str(w.message))
+    return notes
+
+
+def device_used(models) -> str:
+    """Where the networks ran: ``cuda`` only if both stayed there (``cpu`` after a fallback)."""
+    devices = set()
+    for net in (getattr(models, "detector", None), getattr(models, "student", None)):
+        try:
+            devices.add(next(net.parameters()).device.type)
+        except (AttributeError, StopIteration, TypeError):
+            continue
+    if not devices:
+        return ""
+    return "cuda" if devices == {"cuda"} else "cpu"
 
 
 def _to_input_grid(labels: Volume, volume: Volume, centres_ijk=None) -> np.ndarray:

@@ -20,3 +20,7 @@ class ModelError(CMBError):
 
 class Cancelled(CMBError):
     """The caller's cancel callback asked to stop."""
+
+
+class DependencyError(CMBError):
+    """A Python package the module needs is missing and could not be installed."""

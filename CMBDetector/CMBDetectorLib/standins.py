@@ -107,10 +107,54 @@ def dark_blob_detector(volume, modality, mask=None, settings=None, progress=None
                            model_version="stand-in dark-blob finder")
 
 
+#: environment variable: a file where :func:`slow_detector` writes its process id, so a test can
+#: check that Cancel killed the real worker (not only the launcher in front of it)
+PIDFILE_ENV = "CMBDETECTOR_TEST_PIDFILE"
+
+
 def slow_detector(volume, modality, mask=None, settings=None, progress=None, cancel=None):
     """Stand-in that takes ~30 s unless cancelled (for the subprocess-kill test)."""
+    import os
+
+    if os.environ.get(PIDFILE_ENV):
+        with open(os.environ[PIDFILE_ENV], "w") as fh:
+            fh.write(str(os.getpid()))
     for step in range(300):
         if progress:
             progress("waiting", step / 300)
         time.sleep(0.1)
     return dark_blob_detector(volume, modality, mask, settings, progress, cancel)
+
+
+def add_volume(scene, array, ijk_to_ras, name="sub-01_swi", cls="vtkMRMLScalarVolumeNode"):
+    """Volume node from numpy (the path ``slicer.util.addVolumeFromArray`` takes)."""
+    from .mrml import image_data_from_array, set_ijk_to_ras
+
+    node = scene.AddNewNodeByClass(cls, name)
+    node.SetAndObserveImageData(image_data_from_array(array))
+    set_ijk_to_ras(node, ijk_to_ras)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def add_linear_transform(scene, matrix, name="registration"):
+    """A linear transform node holding the 4x4 ``matrix`` (to parent)."""
+    import vtk
+
+    t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(matrix[r, c]))
+    t.SetMatrixTransformToParent(m)
+    return t
+
+
+def gpu_fallback_detector(volume, modality, mask=None, settings=None, progress=None,
+                          cancel=None):
+    """The dark-blob stand-in reporting what the engine reports after a CUDA out-of-memory
+    fallback (device used: cpu, one warning), to test that the warning reaches the user."""
+    result = dark_blob_detector(volume, modality, mask, settings, progress, cancel)
+    result.device = "cpu"
+    result.warnings = ["CUDA out of memory; retrying on the CPU"]
+    return result

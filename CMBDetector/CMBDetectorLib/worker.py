@@ -3,8 +3,13 @@
 Run as ``PythonSlicer -m CMBDetectorLib.worker --input scan.nii.gz --modality swi --output DIR``
 (any Python with the engine's dependencies works). Progress goes to stdout as one line per
 update, ``CMB-PROGRESS<TAB>stage<TAB>fraction``; a user error as ``CMB-ERROR<TAB>message`` with
-exit code 1. The result is written to ``DIR/result.json`` (candidates, provenance) and
-``DIR/result.npz`` (candidate label map, brain mask) and read back with :func:`load_result`.
+exit code 1; a warning (e.g. the GPU ran out of memory and the CPU took over) as
+``CMB-WARNING<TAB>message``. The result is written to ``DIR/result.json`` (candidates, provenance,
+the device actually used) and ``DIR/result.npz`` (candidate label map, brain mask) and read back
+with :func:`load_result`. With ``--locate`` the worker also registers the scan to MNI (seconds
+of CPU that must not freeze Slicer) and writes ``DIR/registration.tfm`` + ``registration.json``,
+read back with :func:`load_registration`. ``--probe-device`` prints what torch sees, so Slicer's
+own process never imports torch or initialises CUDA.
 JSON + npz instead of pickle: nothing executable crosses the process border. Imports neither
 Qt nor ``slicer``, so it runs in a bare ``PythonSlicer``.
 """
@@ -21,11 +26,10 @@ from dataclasses import asdict, fields
 import numpy as np
 
 from .errors import CMBError, InputError
+from .process import DONE_TAG, ERROR_TAG, PROGRESS_TAG, WARNING_TAG  # noqa: F401 (re-export)
 from .results import Candidate, DetectionResult
 
-PROGRESS_TAG = "CMB-PROGRESS"
-ERROR_TAG = "CMB-ERROR"
-DONE_TAG = "CMB-DONE"
+DEVICE_TAG = "CMB-DEVICE"
 
 
 def _plain(value):
@@ -41,12 +45,16 @@ def _plain(value):
 
 
 def save_result(result: DetectionResult, folder) -> None:
-    """Write ``result`` to ``folder`` as result.json + result.npz (atomic renames)."""
-    os.makedirs(folder, exist_ok=True)
+    """Write ``result`` to ``folder`` as result.json + result.npz (atomic renames).
+
+    Only ``folder`` itself is created: when its parent is gone (the caller cancelled and
+    cleaned up), nothing is written and nothing is recreated."""
+    _make_leaf(folder)
     meta = {"modality": result.modality, "ijk_to_ras": _plain(result.ijk_to_ras),
             "shape": list(result.shape), "threshold": float(result.threshold),
             "timings": _plain(result.timings), "model_version": result.model_version,
-            "settings": _plain(result.settings),
+            "settings": _plain(result.settings), "device": result.device,
+            "warnings": list(result.warnings),
             "candidates": [_plain(asdict(c)) for c in result.candidates]}
     arrays = {}
     if result.candidate_labels is not None:
@@ -60,6 +68,47 @@ def save_result(result: DetectionResult, folder) -> None:
     with open(tmp, "w") as fh:
         json.dump(meta, fh)
     os.replace(tmp, os.path.join(folder, "result.json"))
+
+
+def _make_leaf(folder) -> None:
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        raise CMBError(f"{parent}: the output's folder is gone (cancelled?); nothing written")
+    os.makedirs(folder, exist_ok=True)
+
+
+def save_registration(registration, folder) -> None:
+    """Write an :class:`~CMBDetectorLib.location.MNIRegistration` (transform + quality)."""
+    import SimpleITK as sitk
+
+    _make_leaf(folder)
+    sitk.WriteTransform(registration.transform, os.path.join(folder, "registration.tfm"))
+    with open(os.path.join(folder, "registration.json"), "w") as fh:
+        json.dump(_plain(asdict(registration.quality)), fh)
+
+
+def save_location_error(message: str, folder) -> None:
+    """Record why location is unavailable (detection results stay valid)."""
+    _make_leaf(folder)
+    with open(os.path.join(folder, "registration.json"), "w") as fh:
+        json.dump({"error": str(message)}, fh)
+
+
+def load_registration(folder):
+    """``(MNIRegistration or None, error message or "")`` from what the worker wrote."""
+    path = os.path.join(folder, "registration.json")
+    if not os.path.exists(path):
+        return None, ""
+    with open(path) as fh:
+        meta = json.load(fh)
+    if "error" in meta:
+        return None, meta["error"]
+    import SimpleITK as sitk
+
+    from .location import MNIRegistration, RegistrationQuality
+
+    transform = sitk.ReadTransform(os.path.join(folder, "registration.tfm"))
+    return MNIRegistration(transform, RegistrationQuality(**meta)), ""
 
 
 def load_result(folder) -> DetectionResult:
@@ -86,7 +135,9 @@ def load_result(folder) -> DetectionResult:
                            candidate_labels=labels, threshold=meta["threshold"],
                            timings=meta.get("timings", {}),
                            model_version=meta.get("model_version", ""),
-                           settings=meta.get("settings", {}), brain_mask=mask)
+                           settings=meta.get("settings", {}), brain_mask=mask,
+                           device=meta.get("device", ""),
+                           warnings=list(meta.get("warnings", [])))
 
 
 def engine_detect(volume, modality, mask=None, settings=None, device=None, progress=None,
@@ -118,9 +169,42 @@ def resolve_detector(spec: str):
     return getattr(importlib.import_module(module), attr or "detect")
 
 
+def _one_line(text) -> str:
+    return str(text).replace("\t", " ").replace("\n", " ")
+
+
 def _progress(stage: str, fraction: float) -> None:
-    stage = str(stage).replace("\t", " ").replace("\n", " ")
-    print(f"{PROGRESS_TAG}\t{stage}\t{float(fraction):.4f}", flush=True)
+    print(f"{PROGRESS_TAG}\t{_one_line(stage)}\t{float(fraction):.4f}", flush=True)
+
+
+def probe_device() -> dict:
+    """What torch sees here: version, whether CUDA works, the GPU's name (imports torch)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return {"installed": False, "version": "", "cuda": False, "device": "cpu", "gpu": ""}
+    import torch
+
+    cuda = bool(torch.backends.cuda.is_built() and torch.cuda.is_available())
+    return {"installed": True, "version": torch.__version__, "cuda": cuda,
+            "device": "cuda" if cuda else "cpu",
+            "gpu": torch.cuda.get_device_name(0) if cuda else "",
+            "cuda_version": getattr(torch.version, "cuda", None) or ""}
+
+
+def _locate(volume, result, output) -> None:
+    """Register to MNI for lesion location; a failure is recorded, not raised."""
+    from .location import register_to_mni
+
+    try:
+        mask = volume.with_array(result.brain_mask) if result.brain_mask is not None else None
+        reg = register_to_mni(volume, brain_mask=mask, modality=result.modality,
+                              progress=_progress)
+    except CMBError as exc:
+        save_location_error(str(exc), output)
+        print(f"{WARNING_TAG}\tlocation unavailable: {_one_line(exc)}", flush=True)
+        return
+    save_registration(reg, output)
 
 
 def run(args) -> int:
@@ -145,33 +229,57 @@ def run(args) -> int:
     else:
         result = engine_detect(volume, args.modality, mask=mask, settings=settings,
                                device=args.device, progress=_progress, models_dir=args.models)
+    for text in getattr(result, "warnings", []):
+        print(f"{WARNING_TAG}\t{_one_line(text)}", flush=True)
     _progress("writing result", 1.0)
     save_result(result, args.output)
+    if args.locate:
+        _locate(volume, result, args.output)
     print(DONE_TAG, flush=True)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="CMBDetectorLib.worker", description=__doc__.splitlines()[0])
-    p.add_argument("--input", required=True, help="scan (.nii.gz/.nrrd) in world geometry")
-    p.add_argument("--modality", required=True, choices=("swi", "gre", "qsm"))
+    p.add_argument("--input", help="scan (.nii.gz/.nrrd) in world geometry")
+    p.add_argument("--modality", choices=("swi", "gre", "qsm"))
     p.add_argument("--mask", help="brain mask on the scan's grid")
     p.add_argument("--settings", help="JSON file of DetectionSettings")
-    p.add_argument("--output", required=True, help="folder for result.json / result.npz")
+    p.add_argument("--output", help="folder for result.json / result.npz")
+    p.add_argument("--locate", action="store_true",
+                   help="also register to MNI for lesion location (registration.tfm/.json)")
+    p.add_argument("--probe-device", action="store_true",
+                   help="print what torch sees (version, CUDA, GPU name) and exit")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="inference device")
     p.add_argument("--models", help="weights folder with manifest.json (default: bundled)")
     p.add_argument("--detector", help="module:function replacing the engine (tests)")
     return p
 
 
+def _limit_threads(value) -> None:
+    """Thread limits for this worker process only (never set in Slicer's own process)."""
+    if not value:
+        return
+    n = int(value)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if os.environ.get("CMBDETECTOR_THREADS"):
-        try:
-            import torch
-            torch.set_num_threads(int(os.environ["CMBDETECTOR_THREADS"]))
-        except ImportError:
-            pass
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.probe_device:
+        print(f"{DEVICE_TAG}\t{json.dumps(probe_device())}", flush=True)
+        return 0
+    if not (args.input and args.modality and args.output):
+        parser.error("--input, --modality and --output are required")
+    _limit_threads(os.environ.get("CMBDETECTOR_THREADS"))
     try:
         return run(args)
     except CMBError as exc:
