@@ -32,6 +32,13 @@ Design (fast enough for bulk training data: ~1 mm whole brain in seconds on 2 co
    low-pass, sigma ``homodyne_sigma_mm``), mask = (pi + phi)/pi for phi < 0; QSM = chi (relative
    to CSF) blurred like a reconstruction, plus noise, inside the brain.
 
+Pipeline: ``simulate_subject`` runs the stages of ``PIPELINE`` (protocol, geometry, iron,
+anatomy, tissue, veins, air, field, signal, cmbs, calcifications, labels, acquisition, gre, swi,
+qsm, truth) on one :class:`SimState`; each gets only its own ``SimulationConfig`` fields
+(``STAGE_FIELDS``), so a variant touches one stage. The order is also the order of the random
+draws, so changing it changes every seed's subject; ``run_stages(..., until=name)`` stops early
+(tests, inspection).
+
 Phase convention: phase = -gamma dB TE, so paramagnetic sources (CMBs, veins along B0) give
 negative high-pass phase at their poles and are darkened by the negative-phase mask;
 diamagnetic calcifications give the opposite sign.
