@@ -612,6 +612,71 @@ class CohortReport:
         return sum(r["status"] == status for r in self.rows)
 
 
+def _prepared_scans(source, modality: str | None, scans: list | None) -> list:
+    """The scans to process (given, or discovered in ``source``), unique keys, absolute paths."""
+    scans = list(scans) if scans is not None else discover(source, modality)
+    scans = _unique_keys([Scan(**s.as_dict()) for s in scans])
+    for s in scans:  # workers may run elsewhere, in another working directory
+        s.path = os.path.abspath(s.path)
+    return scans
+
+
+def _split_done(scans: list, out_root: Path, shash: str, version: str) -> tuple:
+    """Rows of the scans already done with these settings and engine (``skipped``), and the
+    scans still to do."""
+    rows: dict = {}
+    todo = []
+    for s in scans:  # cheap skip on the driver: size+mtime; the task re-checks with sha256
+        rec = read_done(out_root, s.key)
+        if is_current(rec, s, shash, version):
+            rows[s.key] = _row_from_record(
+                {"subject": s.subject, "session": s.session, "modality": s.modality,
+                 "scan": s.key, "path": s.path}, rec, "skipped")
+        else:
+            todo.append(s)
+    return rows, todo
+
+
+def _process_on_dask(todo: list, n_done: int, out_root: Path, config: dict, client,
+                     scheduler: str | None, workers: int | None, threads: int | None,
+                     retries: int, bar, progress) -> dict:
+    """Rows of ``todo`` processed on ``client``, on ``scheduler``'s cluster, or on a
+    LocalCluster; a client or cluster opened here is closed here, whatever happens."""
+    own_cluster = own_client = None
+    try:
+        if client is None:
+            from distributed import Client
+
+            if scheduler:
+                try:
+                    own_client = client = Client(scheduler, timeout="30s")
+                except OSError as exc:
+                    raise InputError(f"cannot reach Dask scheduler {scheduler}: "
+                                     f"{_one_line(str(exc))}") from None
+            else:
+                own_cluster, t = start_local_cluster(workers, threads)
+                config["threads"] = threads or t
+                own_client = client = Client(own_cluster)
+        link = dashboard_link(client)
+        if progress:
+            nw = len(client.scheduler_info().get("workers", {}))
+            msg = f"cohort: {len(todo)} to process, {n_done} already done, {nw} workers"
+            print(msg + (f"; dashboard {link}" if link else ""), file=sys.stderr)
+        return _submit_all(client, todo, out_root, config, retries, bar, progress)
+    finally:
+        if own_client is not None:
+            own_client.close()
+        if own_cluster is not None:
+            own_cluster.close()
+
+
+def _remove_attempt_leftovers(out_root: Path, run_id: str) -> None:
+    """Once every task of the run has ended, delete the temporary folders of attempts killed
+    with their worker (never renamed, so they never looked finished)."""
+    for p in out_root.glob(f".*.tmp-{run_id[:8]}-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def run_cohort(source, out_root, modality: str | None = None, settings=None,
                scheduler: str | None = None, workers: int | None = None,
                process: str = ENGINE_PROCESS, client=None, retries: int = 2,
@@ -639,10 +704,7 @@ def run_cohort(source, out_root, modality: str | None = None, settings=None,
     sdict = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings or {})
     # validate once, here, not in 50,000 tasks
     DetectionSettings.from_dict({k: v for k, v in sdict.items() if k != "location"})
-    scans = list(scans) if scans is not None else discover(source, modality)
-    scans = _unique_keys([Scan(**s.as_dict()) for s in scans])
-    for s in scans:  # workers may run elsewhere, in another working directory
-        s.path = os.path.abspath(s.path)
+    scans = _prepared_scans(source, modality, scans)
     shash = settings_hash(sdict, process if isinstance(process, str) else repr(process))
     version = engine_version(process)  # no weights: ModelError now, not in every task
     out_root = Path(out_root).resolve()
@@ -651,51 +713,14 @@ def run_cohort(source, out_root, modality: str | None = None, settings=None,
     config = {"process": process, "settings": sdict, "settings_hash": shash,
               "engine_version": version, "threads": threads, "run_id": uuid.uuid4().hex}
 
-    rows: dict = {}
-    todo = []
-    for s in scans:  # cheap skip on the driver: size+mtime; the task re-checks with sha256
-        rec = read_done(out_root, s.key)
-        if is_current(rec, s, shash, version):
-            rows[s.key] = _row_from_record(
-                {"subject": s.subject, "session": s.session, "modality": s.modality,
-                 "scan": s.key, "path": s.path}, rec, "skipped")
-        else:
-            todo.append(s)
-
+    rows, todo = _split_done(scans, out_root, shash, version)
     bar = _ProgressBar(len(scans), len(rows)) if progress is True else None
     if todo:
-        own_cluster = own_client = None
-        try:
-            if client is None:
-                from distributed import Client
-
-                if scheduler:
-                    try:
-                        own_client = client = Client(scheduler, timeout="30s")
-                    except OSError as exc:
-                        raise InputError(f"cannot reach Dask scheduler {scheduler}: "
-                                         f"{_one_line(str(exc))}") from None
-                else:
-                    own_cluster, t = start_local_cluster(workers, threads)
-                    config["threads"] = threads or t
-                    own_client = client = Client(own_cluster)
-            link = dashboard_link(client)
-            if progress:
-                nw = len(client.scheduler_info().get("workers", {}))
-                msg = f"cohort: {len(todo)} to process, {len(rows)} already done, {nw} workers"
-                print(msg + (f"; dashboard {link}" if link else ""), file=sys.stderr)
-            rows.update(_submit_all(client, todo, out_root, config, retries, bar, progress))
-        finally:
-            if own_client is not None:
-                own_client.close()
-            if own_cluster is not None:
-                own_cluster.close()
+        rows.update(_process_on_dask(todo, len(rows), out_root, config, client, scheduler,
+                                     workers, threads, retries, bar, progress))
     if bar:
         bar.finish()
-    # Every task of this run has ended: temporary folders of attempts killed with their worker
-    # are garbage now (they were never renamed, so they never looked finished).
-    for p in out_root.glob(f".*.tmp-{config['run_id'][:8]}-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    _remove_attempt_leftovers(out_root, config["run_id"])
     ordered = [rows[s.key] for s in scans]
     table = write_cohort_table(ordered, out_root / "cohort.csv")
     return CohortReport(ordered, str(table), time.perf_counter() - t_start)
