@@ -135,3 +135,30 @@ def test_explicit_threshold_overrides_the_models_per_modality_ones(tiny_bundle):
     assert default_settings(bundle).threshold_for("swi") == 0.5
     assert default_settings(bundle, threshold=0.2).threshold_for("gre") == 0.2
     assert default_settings(bundle, threshold=None).threshold_for("gre") == 0.8
+
+
+def test_gpu_fallback_is_recorded_with_the_device_used(small_subject, tiny_bundle, low_settings,
+                                                       monkeypatch, tmp_path):
+    """A CUDA out-of-memory fallback warns, and the result and detection.json say so and name
+    the device the networks actually ran on (not only the one requested)."""
+    import json
+    import warnings
+
+    import CMBDetectorLib.detection as detection
+    from CMBDetectorLib.outputs import write_outputs
+
+    original = detection.predict_volume
+
+    def oom_then_cpu(*args, **kw):
+        warnings.warn("CUDA out of memory; retrying on the CPU", RuntimeWarning)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(detection, "predict_volume", oom_then_cpu)
+    vol = small_subject.images["swi"]
+    with pytest.warns(RuntimeWarning, match="out of memory"):  # still shown on the console
+        res = detect(vol, "swi", settings=low_settings, models=tiny_bundle)
+    assert res.warnings == ["CUDA out of memory; retrying on the CPU"]
+    assert res.device == "cpu" and res.settings["device"] == low_settings.device
+    paths = write_outputs(vol, res, tmp_path, name="s")
+    doc = json.loads(paths["json"].read_text())
+    assert doc["device"] == "cpu" and doc["warnings"] == res.warnings

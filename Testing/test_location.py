@@ -207,3 +207,23 @@ def test_benchmark_function_runs_quickly():
     out = L.benchmark(vol)
     assert out["location_total_s"] < 60  # budget 30 s on an idle 2-core CPU; CI is shared
     assert out["location_dice"] >= L.MIN_DICE
+
+
+def test_registration_leaves_simpleitks_thread_count_alone(moved_template, monkeypatch):
+    """In Slicer a process-wide change would slow every SimpleITK filter for the session."""
+    import SimpleITK as sitk
+
+    vol, *_ = moved_template
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    probe = 1 if before != 1 else 2
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(probe)
+    try:
+        for omp in ("3", None):  # whatever OMP_NUM_THREADS says
+            if omp is None:
+                monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            else:
+                monkeypatch.setenv("OMP_NUM_THREADS", omp)
+            L.register_to_mni(vol, deformable=False)
+            assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == probe
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)

@@ -379,8 +379,15 @@ def test_real_engine_path_with_tiny_trained_bundle(scene, small_subject, tiny_bu
     assert np.allclose(result.ijk_to_ras, mrml.world_ijk_to_ras(node), atol=1e-4)
     assert result.candidate_labels.shape == mrml.volume_from_node(node).array.shape
     _check_nodes_match_result(logic, node, nodes)
-    n_all = len(result.lesions(0.0))
-    assert logic.setThreshold(node, 1.0) <= n_all
+    # re-thresholding publishes exactly the engine's lesions at each threshold
+    assert result.candidates, "the tiny bundle proposed no candidate: nothing to re-threshold"
+    for c in result.candidates:  # the tiny model's clean-up may reject all; count them all
+        c.kept = True
+    kept = sorted(c.confidence for c in result.candidates)
+    for t in (0.0, kept[len(kept) // 2], 1.0):
+        n = logic.setThreshold(node, t)
+        assert n == len(result.lesions(t)) == nodes["fiducial"].GetNumberOfControlPoints()
+    assert logic.setThreshold(node, 0.0) == len(kept)
 
 
 def test_real_engine_in_worker_process_with_tiny_weights(scene, small_subject, tiny_run,
