@@ -22,7 +22,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from CMBDetectorLib.panel import MODALITY_LABELS, PanelController
+from CMBDetectorLib.slicer_module.panel import MODALITY_LABELS, PanelController
 
 MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DIR = MODULE_DIR / "Resources" / "SampleData"
@@ -109,7 +109,7 @@ class CMBDetectorParameterNode:
 
 
 #
-# Widget: builds widgets and forwards signals; behaviour lives in CMBDetectorLib.panel
+# Widget: builds widgets and forwards signals; behaviour lives in CMBDetectorLib.slicer_module.panel
 #
 class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
@@ -278,18 +278,18 @@ class CMBDetectorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 #
-# Logic: a thin Slicer wrapper around the headless CMBDetectorLib.logic.CMBDetectorLogic
+# Logic: a thin Slicer wrapper around the headless CMBDetectorLib.slicer_module.logic.CMBDetectorLogic
 #
 class CMBDetectorLogic(ScriptedLoadableModuleLogic):
     """``process(inputVolumeNode, modality, ...)`` and friends, usable without the widget.
 
-    Delegates to :class:`CMBDetectorLib.logic.CMBDetectorLogic` on ``slicer.mrmlScene``; see
+    Delegates to :class:`CMBDetectorLib.slicer_module.logic.CMBDetectorLogic` on ``slicer.mrmlScene``; see
     that class for the full API (setThreshold, setStatus, syncTable, export, showSegmentation).
     """
 
     def __init__(self, detector=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        from CMBDetectorLib.logic import CMBDetectorLogic as HeadlessLogic
+        from CMBDetectorLib.slicer_module.logic import CMBDetectorLogic as HeadlessLogic
 
         self.core = HeadlessLogic(scene=None, detector=detector)
 
@@ -319,11 +319,11 @@ class CMBDetectorLogic(ScriptedLoadableModuleLogic):
 # Test (Reload and Test; ctest via slicer_add_python_unittest)
 #
 class CMBDetectorTest(ScriptedLoadableModuleTest):
-    """The scenarios of ``CMBDetectorLib.selftest`` inside Slicer (stand-in detector).
+    """The scenarios of ``CMBDetectorLib.slicer_module.selftest`` inside Slicer (stand-in detector).
 
     ctest runs each ``test_*`` method on its own, alphabetically, after ``mrmlScene.Clear()``;
     ``runTest`` does the same, so no method depends on another or on the module being shown.
-    The same scenarios run headless on slicer-core in ``Testing/test_selftest.py``.
+    The same scenarios run headless on slicer-core in ``Testing/slicer_module/test_selftest.py``.
     """
 
     def setUp(self):
@@ -337,29 +337,29 @@ class CMBDetectorTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_bad_input(self):
-        from CMBDetectorLib import selftest
+        from CMBDetectorLib.slicer_module import selftest
         selftest.bad_input(slicer.mrmlScene)
 
     def test_cancel_kills_the_worker(self):
-        from CMBDetectorLib import selftest
+        from CMBDetectorLib.slicer_module import selftest
         selftest.cancel_kills_the_worker(slicer.mrmlScene)
 
     def test_detect_review_export(self):
-        from CMBDetectorLib import selftest
+        from CMBDetectorLib.slicer_module import selftest
         selftest.detect_review_export(slicer.mrmlScene)
 
     def test_no_stale_results_after_close(self):
-        from CMBDetectorLib import selftest
+        from CMBDetectorLib.slicer_module import selftest
         selftest.no_stale_results_after_close(slicer.mrmlScene)
 
     def test_threshold_follows_the_modality_until_moved(self):
-        from CMBDetectorLib import selftest
+        from CMBDetectorLib.slicer_module import selftest
         selftest.threshold_follows_the_modality_until_moved(slicer.mrmlScene)
 
     def test_widget_names(self):
         """The panel as a user opens it (works whether or not the module was shown before)."""
-        from CMBDetectorLib import selftest
-        from CMBDetectorLib.panel import INPUT_CONTROLS, REVIEW_CONTROLS
+        from CMBDetectorLib.slicer_module import selftest
+        from CMBDetectorLib.slicer_module.panel import INPUT_CONTROLS, REVIEW_CONTROLS
 
         slicer.util.selectModule("CMBDetector")
         widget = slicer.modules.cmbdetector.widgetRepresentation().self()

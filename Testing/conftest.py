@@ -27,17 +27,20 @@ def _torch_threads():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    from CMBDetectorLib.training import TrainConfig, run_training
+    from CMBDetectorLib.training.train import TrainConfig, run_training
 
     run = tmp_path_factory.mktemp("tinyrun")
     models = tmp_path_factory.mktemp("tinymodels")
     run_training(run / "run", TrainConfig.tiny(), models)
+    import torch  # retraining tests must use the same thread count to be bit-identical
+
+    (run / "run" / "torch_threads.txt").write_text(str(torch.get_num_threads()))
     return run / "run", models
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run):
-    from CMBDetectorLib.models import load_bundle
+    from CMBDetectorLib.engine.models import load_bundle
 
     return load_bundle(tiny_run[1], device="cpu")
 
@@ -45,7 +48,7 @@ def tiny_bundle(tiny_run):
 @pytest.fixture(scope="session")
 def small_subject():
     """A 64 mm simulated cube with 3 CMBs, oblique and anisotropic (seconds to make)."""
-    from CMBDetectorLib.simulation import SimulationConfig, simulate_subject
+    from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
 
     return simulate_subject(4242, SimulationConfig(roi_mm=64.0, spacing_mm=(0.9, 0.9, 1.6),
                                                    n_cmbs=3))
@@ -54,13 +57,13 @@ def small_subject():
 @pytest.fixture(scope="session")
 def whole_subject():
     """A whole-brain simulated subject (about 10 s) with 4 CMBs."""
-    from CMBDetectorLib.simulation import SimulationConfig, simulate_subject
+    from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
 
     return simulate_subject(5, SimulationConfig(n_cmbs=4))
 
 
 def sphere_volume(shape=(40, 48, 56), centre=(20, 24, 28), radius=3.0, spacing=(1, 1, 1)):
-    from CMBDetectorLib.volume import Volume
+    from CMBDetectorLib.engine.volume import Volume
 
     k, j, i = np.indices(shape)
     d2 = ((i - centre[2]) * spacing[0]) ** 2 + ((j - centre[1]) * spacing[1]) ** 2 + \

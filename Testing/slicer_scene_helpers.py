@@ -2,14 +2,14 @@
 
 A real MRML scene with the application and module logics registered the way trame-slicer's
 ``SlicerApp`` does, plus node builders. The synthetic scan and the stand-in detector live in
-``CMBDetectorLib.standins`` so the in-Slicer test can use them too.
+``CMBDetectorLib.slicer_module.standins`` so the in-Slicer test can use them too.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from CMBDetectorLib.standins import (TRUTH, add_linear_transform, add_volume,  # noqa: F401
+from CMBDetectorLib.slicer_module.standins import (TRUTH, add_linear_transform, add_volume,  # noqa: F401
                                      dark_blob_detector, rotation, slow_detector,
                                      synthetic_scan)
 

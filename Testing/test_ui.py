@@ -109,7 +109,7 @@ def test_bound_parameters_exist_in_parameter_node(tree, ui_widgets):
     assert set(bound.values()) <= fields, set(bound.values()) - fields
     assert {"inputVolume", "modality", "mask", "threshold", "device"} <= set(bound.values())
     # the modality choices the controller knows are the combo box's items
-    from CMBDetectorLib.panel import MODALITY_LABELS
+    from CMBDetectorLib.slicer_module.panel import MODALITY_LABELS
 
     items = [i.find("property/string").text for i in ui_widgets["modalityComboBox"].findall("item")]
     assert tuple(items) == MODALITY_LABELS
@@ -117,7 +117,7 @@ def test_bound_parameters_exist_in_parameter_node(tree, ui_widgets):
 
 def test_every_control_the_controller_drives_exists(ui_widgets):
     """The widget enables/disables controls by the names the controller gives."""
-    from CMBDetectorLib.panel import INPUT_CONTROLS, REVIEW_CONTROLS
+    from CMBDetectorLib.slicer_module.panel import INPUT_CONTROLS, REVIEW_CONTROLS
 
     names = set(INPUT_CONTROLS + REVIEW_CONTROLS + ("detectButton", "cancelButton"))
     assert names <= set(ui_widgets), names - set(ui_widgets)
@@ -151,17 +151,34 @@ def _cmake_list(text, var):
     return [ln.strip() for ln in m.group(1).splitlines() if ln.strip()]
 
 
-def test_module_cmake_lists_every_lib_file_and_resource():
+SHIPPED_PACKAGES = ("engine", "slicer_module", "location")
+RESEARCH_PACKAGES = ("cli", "cohort", "simulation", "training", "evaluation")
+
+
+def _shipped_scripts():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    return [s.replace("${MODULE_NAME}", "CMBDetector")
+            for s in _cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
+
+
+def test_module_cmake_lists_what_slicer_runs_and_every_resource():
     text = (MODULE / "CMakeLists.txt").read_text()
     assert "WITH_GENERIC_TESTS" in text and "slicerMacroBuildScriptedModule" in text
-    scripts = [s.replace("${MODULE_NAME}", "CMBDetector")
-               for s in _cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
+    scripts = _shipped_scripts()
     resources = [s.replace("${MODULE_NAME}", "CMBDetector")
                  for s in _cmake_list(text, "MODULE_PYTHON_RESOURCES")]
-    libs = {f"CMBDetectorLib/{p.name}" for p in (MODULE / "CMBDetectorLib").glob("*.py")}
+    lib = MODULE / "CMBDetectorLib"
+    shipped = {f"CMBDetectorLib/{p.relative_to(lib)}" for p in lib.glob("*.py")}
+    for pkg in SHIPPED_PACKAGES:
+        shipped |= {f"CMBDetectorLib/{p.relative_to(lib)}" for p in (lib / pkg).glob("*.py")}
     assert "CMBDetector.py" in scripts
-    assert libs <= set(scripts), (f"not packaged: {sorted(libs - set(scripts))}; add to "
-                                  "MODULE_PYTHON_SCRIPTS in CMBDetector/CMakeLists.txt")
+    assert shipped == set(scripts) - {"CMBDetector.py"}, (
+        f"not packaged: {sorted(shipped - set(scripts))}; not Slicer's: "
+        f"{sorted(set(scripts) - shipped - {'CMBDetector.py'})} (MODULE_PYTHON_SCRIPTS in "
+        "CMBDetector/CMakeLists.txt)")
+    for pkg in RESEARCH_PACKAGES:
+        assert (lib / pkg / "__init__.py").is_file(), pkg
+        assert not any(s.startswith(f"CMBDetectorLib/{pkg}/") for s in scripts), pkg
     for rel in scripts + resources:
         assert (MODULE / rel).is_file(), f"listed but missing: {rel}"
     on_disk = {str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
@@ -169,6 +186,35 @@ def test_module_cmake_lists_every_lib_file_and_resource():
     assert on_disk <= set(resources), (f"not packaged: {sorted(on_disk - set(resources))}; "
                                        "add to MODULE_PYTHON_RESOURCES in "
                                        "CMBDetector/CMakeLists.txt")
+
+
+def test_what_slicer_packages_runs_on_its_own(tmp_path):
+    """Only the listed files, copied alone (as the extension installs them), import and run
+    the panel's scenarios: nothing Slicer runs needs the research tooling."""
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("slicer")
+    root = tmp_path / "qt-scripted-modules"
+    for rel in _shipped_scripts():
+        if rel.startswith("CMBDetectorLib/"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(MODULE / rel, root / rel)
+    shutil.copytree(MODULE / "Resources", root / "Resources")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import CMBDetectorLib; "
+            "assert CMBDetectorLib.__file__.startswith(sys.argv[1]), CMBDetectorLib.__file__; "
+            "import CMBDetectorLib.slicer_module.logic, CMBDetectorLib.slicer_module.panel, "
+            "CMBDetectorLib.slicer_module.worker, CMBDetectorLib.location.report; "
+            "from CMBDetectorLib.slicer_module import selftest; import slicer; "
+            "scene = slicer.vtkMRMLScene(); "
+            "[(scene.Clear(0), f(scene)) for n, f in sorted(selftest.SCENARIOS.items()) "
+            "if n != 'cancel_kills_the_worker']; "
+            "bad = [m for m in sys.modules if m.split('.')[:2] in (['CMBDetectorLib', p] for p in "
+            f"{RESEARCH_PACKAGES!r})]; assert not bad, bad; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-1500:]
 
 
 def test_extension_metadata_agrees():

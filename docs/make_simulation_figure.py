@@ -15,8 +15,8 @@ def main(out="docs/simulation_examples.png", seed=7):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from CMBDetectorLib.anatomy import load_template
-    from CMBDetectorLib.simulation import SimulationConfig, simulate_subject
+    from CMBDetectorLib.simulation.anatomy import load_template
+    from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
 
     load_template()  # once per process; not part of the per-subject time
 

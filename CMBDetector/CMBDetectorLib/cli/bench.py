@@ -1,0 +1,136 @@
+"""``cmbdetector bench``: wall time per stage and peak memory on this machine.
+
+Each case runs in a fresh subprocess so its peak RSS is its own. Cases: a 512x512x72 scan at
+0.45x0.45x2 mm (the issue's target: <= 20 s, <= 3 GB on 2 CPU cores) and a 256x256x160 1 mm
+scan, both simulated whole brains resampled onto exactly that grid; plus the radial symmetry
+transform against its per-voxel loop on the same sub-volume, and the location step.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CASES = {"512x512x72 @ 0.45x0.45x2 mm": ((512, 512, 72), (0.45, 0.45, 2.0)),
+         "256x256x160 @ 1 mm": ((256, 256, 160), (1.0, 1.0, 1.0))}
+
+
+def bench_volume(shape_ijk, spacing, seed: int = 99, modality: str = "swi"):
+    """A simulated whole brain on exactly the requested grid (centred, axis-aligned)."""
+    from ..simulation.simulator import SimulationConfig, simulate_subject
+    from ..engine.volume import Volume, resample
+
+    subj = simulate_subject(seed, SimulationConfig(spacing_mm=tuple(spacing), n_cmbs=6,
+                                                   oblique_deg=0.0, flip_axes=False))
+    src = subj.images[modality]
+    centre = src.ijk_to_ras_points([(np.array(src.shape_ijk) - 1) / 2])[0]
+    origin = centre - (np.array(shape_ijk) - 1) / 2 * np.array(spacing)
+    ref = Volume.from_arrays(np.zeros(shape_ijk[::-1], np.uint8), spacing, origin)
+    out = resample(src, None, "linear", reference=ref)
+    out.name = f"bench_{'x'.join(map(str, shape_ijk))}"
+    return out
+
+
+def _run_case(name: str, device: str) -> dict:
+    from ..engine.detection import default_settings, detect
+    from ..engine.models import load_bundle
+
+    shape, spacing = CASES[name]
+    vol = bench_volume(shape, spacing)
+    t0 = time.perf_counter()
+    models = load_bundle(device=device)
+    t_load = time.perf_counter() - t0
+    settings = default_settings(models, device=device)
+    t0 = time.perf_counter()
+    res = detect(vol, "swi", settings=settings, models=models)
+    wall = time.perf_counter() - t0
+    timings = dict(res.timings)
+    timings["loading models"] = t_load
+    return {"case": name, "wall_s": round(wall + t_load, 2), "detect_s": round(wall, 2),
+            "stages_s": {k: round(v, 2) for k, v in timings.items()},
+            "lesions": len(res.lesions()), "candidates": len(res.candidates),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+
+
+def frst_speedup(size: int = 48) -> dict:
+    """Vectorised FRST vs the per-voxel loop on the same normalised brain sub-volume."""
+    from ..engine.preprocessing import prepare
+    from ..engine.radial_symmetry import frst, frst_loop
+    from ..engine.settings import DetectionSettings
+
+    vol = bench_volume((160, 192, 160), (1.0, 1.0, 1.0))
+    img = prepare(vol, "swi", None, DetectionSettings()).image
+    c = np.array(img.shape) // 2
+    sub = np.ascontiguousarray(img[c[0] - size // 2:c[0] + size // 2,
+                                   c[1] - size // 2:c[1] + size // 2,
+                                   c[2] - size // 2:c[2] + size // 2])
+    t0 = time.perf_counter()
+    frst(sub)
+    tv = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frst_loop(sub)
+    tl = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    frst(img)
+    tfull = time.perf_counter() - t0
+    return {"subvolume": f"{size}^3", "vectorised_s": round(tv, 4), "loop_s": round(tl, 2),
+            "speedup": round(tl / tv, 1), "whole_brain_vectorised_s": round(tfull, 2),
+            "whole_brain_shape": list(img.shape)}
+
+
+def configure_parser(p) -> None:
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--case", choices=list(CASES), help="one case only (internal)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--skip-location", action="store_true")
+
+
+def run_command(args) -> int:
+    if args.case:  # child process: one case, JSON on stdout
+        print(json.dumps(_run_case(args.case, args.device)))
+        return 0
+    results = {"machine": {"cpus": __import__("os").cpu_count(), "python": sys.version.split()[0],
+                           "platform": platform.platform()}, "detection": []}
+    for name in CASES:
+        r = subprocess.run([sys.executable, "-m", "CMBDetectorLib.cli", "bench", "--case", name,
+                            "--device", args.device], capture_output=True, text=True)
+        if r.returncode:
+            print(r.stderr, file=sys.stderr)
+            return 1
+        results["detection"].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    results["frst"] = frst_speedup()
+    if not args.skip_location:
+        try:
+            from ..location.locate import benchmark as loc_bench
+            results["location"] = loc_bench()
+        except Exception as exc:  # location is optional (atlas package)
+            results["location"] = {"error": str(exc).splitlines()[0]}
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def format_table(results: dict) -> str:
+    lines = ["| case | wall s | load | preprocess | candidates | student | clean-up | peak RSS GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["detection"]:
+        s = r["stages_s"]
+        lines.append(f"| {r['case']} | {r['wall_s']} | {s.get('loading models', 0)} | "
+                     f"{s.get('preprocessing', 0)} | {s.get('candidate detection', 0)} | "
+                     f"{s.get('discrimination', 0)} | {s.get('clean-up', 0)} | "
+                     f"{r['peak_rss_gb']} |")
+    f = results["frst"]
+    lines.append("")
+    lines.append(f"FRST on a {f['subvolume']} brain sub-volume: vectorised {f['vectorised_s']} s, "
+                 f"per-voxel loop {f['loop_s']} s -> {f['speedup']}x; whole brain "
+                 f"{f['whole_brain_shape']} in {f['whole_brain_vectorised_s']} s")
+    if "location" in results:
+        lines.append(f"location: {json.dumps(results['location'])}")
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Detection end to end: preprocessing -> candidate U-Net -> student -> clean-up -> input grid.
+
+``detect`` is the one entry point used by the command line, the Slicer module and cohort
+processing. It never modifies its input and reports geometry in RAS and input voxel indices.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+
+from .cleanup import edge_distance, shape_features, verdicts
+from ..errors import Cancelled
+from .inference import extract_candidates, predict_volume, score_candidates
+from .preprocessing import prepare
+from .results import Candidate, DetectionResult
+from .settings import DetectionSettings
+from .volume import Volume, read_volume, resample
+
+#: Stage name -> (start, end) of the overall progress fraction.
+STAGES = {"loading models": (0.0, 0.05), "preprocessing": (0.05, 0.25),
+          "candidate detection": (0.25, 0.85), "discrimination": (0.85, 0.92),
+          "clean-up": (0.92, 1.0)}
+
+
+class _Progress:
+    """Maps per-stage fractions to one overall fraction and checks for cancellation."""
+
+    def __init__(self, progress, cancel):
+        self.progress, self.cancel = progress, cancel
+        self.timings: dict = {}
+        self._stage, self._t0 = None, 0.0
+
+    def stage(self, name: str) -> None:
+        self.check()
+        now = time.perf_counter()
+        if self._stage is not None:
+            self.timings[self._stage] = now - self._t0
+        self._stage, self._t0 = name, now
+        self.update(0.0)
+
+    def update(self, fraction: float) -> None:
+        if self.progress is not None and self._stage is not None:
+            a, b = STAGES[self._stage]
+            self.progress(self._stage, a + (b - a) * min(max(fraction, 0.0), 1.0))
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("detection cancelled")
+
+    def finish(self) -> None:
+        self.timings[self._stage] = time.perf_counter() - self._t0
+        if self.progress is not None:
+            self.progress("done", 1.0)
+
+
+def default_settings(models=None, **overrides) -> DetectionSettings:
+    """Settings with the operating point the bundled models were validated at, then overrides.
+
+    An explicit ``threshold`` applies to every modality (it replaces the models' per-modality
+    thresholds)."""
+    base = dict(getattr(models, "settings", None) or {})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "threshold" in overrides and "modality_thresholds" not in overrides:
+        base.pop("modality_thresholds", None)
+    base.update(overrides)
+    return DetectionSettings.from_dict(base) if base else DetectionSettings()
+
+
+def detect(volume: Volume, modality: str, mask: Volume | None = None,
+           settings: DetectionSettings | None = None, models=None, progress=None,
+           cancel=None) -> DetectionResult:
+    """Detect microbleeds in one scan.
+
+    Parameters
+    ----------
+    volume : the scan (any orientation and spacing); never modified.
+    modality : ``swi``, ``gre`` or ``qsm``.
+    mask : optional brain mask on the scan's grid; built from the scan when omitted.
+    settings : thresholds and clean-up rules; default = the bundled models' operating point.
+    models : a loaded :class:`~CMBDetectorLib.engine.models.ModelBundle`; default = bundled weights.
+    progress : ``progress(stage, fraction)`` with an overall fraction in [0, 1].
+    cancel : ``cancel() -> bool``; when it returns True, :class:`Cancelled` is raised.
+    """
+    from .models import load_bundle
+
+    prog = _Progress(progress, cancel)
+    prog.stage("loading models")
+    if models is None:
+        models = load_bundle(device=(settings.device if settings else "auto"))
+    settings = (settings or default_settings(models)).validate()
+
+    prog.stage("preprocessing")
+    prep = prepare(volume, modality, mask, settings)
+    channels = np.stack([prep.image, prep.frst]).astype(np.float32)
+
+    with warnings.catch_warnings(record=True) as caught:  # e.g. CUDA out of memory -> CPU
+        warnings.simplefilter("always", RuntimeWarning)
+        prog.stage("candidate detection")
+        prob = predict_volume(models.detector, channels, settings.tile_size,
+                              settings.tile_overlap, progress=prog.update, cancel=prog.check)
+        labels, voxels, pmax, centres = extract_candidates(prob, settings.candidate_threshold,
+                                                           prep.mask)
+
+        prog.stage("discrimination")
+        patch = int(models.manifest.get("patch_size", 24)) if hasattr(models, "manifest") else 24
+        conf = score_candidates(models.student, channels, centres, patch, settings.batch_size,
+                                settings.mirrored_scoring)
+    notes = _reissue(caught)
+
+    prog.stage("clean-up")
+    spacing = prep.grid.spacing
+    vol_mm3, elong = shape_features(labels, len(centres), spacing)
+    edge = edge_distance(prep.mask, centres, spacing)
+    reasons = verdicts(vol_mm3, elong, voxels, edge, settings)
+    ras = prep.grid.ijk_to_ras_points(centres[:, ::-1]) if len(centres) else np.zeros((0, 3))
+    ijk = volume.ras_to_ijk_points(ras) if len(centres) else np.zeros((0, 3))
+    candidates = [Candidate(n + 1, tuple(ras[n]), tuple(ijk[n]), float(vol_mm3[n]),
+                            float(pmax[n]), float(conf[n]), reasons[n] == "", reasons[n],
+                            float(elong[n]), float(edge[n]))
+                  for n in range(len(centres))]
+    cand_input = _to_input_grid(prep.grid.with_array(labels), volume, ijk)
+    mask_input = _to_input_grid(prep.grid.with_array(prep.mask.astype(np.int32)), volume)
+    prog.finish()
+    return DetectionResult(modality=prep.modality, ijk_to_ras=volume.ijk_to_ras.copy(),
+                           shape=tuple(volume.array.shape), candidates=candidates,
+                           candidate_labels=cand_input,
+                           threshold=settings.threshold_for(prep.modality),
+                           timings=prog.timings, model_version=getattr(models, "version", ""),
+                           settings=settings.to_dict(),
+                           brain_mask=mask_input.astype(np.uint8),
+                           device=device_used(models), warnings=notes)
+
+
+def _reissue(caught) -> list:
+    """Show recorded warnings again (the CLI prints them) and return their texts for the
+    result, so a GPU-to-CPU fallback is also visible in Slicer and in detection.json."""
+    notes = []
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        notes.append(str(w.message))
+    return notes
+
+
+def device_used(models) -> str:
+    """Where the networks ran: ``cuda`` only if both stayed there (``cpu`` after a fallback)."""
+    devices = set()
+    for net in (getattr(models, "detector", None), getattr(models, "student", None)):
+        try:
+            devices.add(next(net.parameters()).device.type)
+        except (AttributeError, StopIteration, TypeError):
+            continue
+    if not devices:
+        return ""
+    return "cuda" if devices == {"cuda"} else "cpu"
+
+
+def _to_input_grid(labels: Volume, volume: Volume, centres_ijk=None) -> np.ndarray:
+    """Nearest-neighbour label map on the input grid; a candidate thinner than an input voxel
+    (thick slices) still keeps the voxel at its centroid."""
+    ref = volume.with_array(np.zeros(volume.array.shape, np.uint8))
+    out = resample(labels, None, "nearest", reference=ref).array.astype(np.int32)
+    if centres_ijk is not None and len(centres_ijk):
+        present = np.zeros(int(labels.array.max()) + 2, bool)
+        present[np.unique(out)] = True
+        shape = np.array(out.shape[::-1])
+        for n, c in enumerate(np.rint(centres_ijk).astype(int), start=1):
+            if not present[n] and np.all((c >= 0) & (c < shape)):
+                out[c[2], c[1], c[0]] = n
+    return out
+
+
+def detect_file(path, modality: str, mask_path=None, settings=None, models=None,
+                progress=None, cancel=None):
+    """Read a scan (and mask) from disk and detect; returns ``(volume, result)``."""
+    volume = read_volume(path)
+    mask = read_volume(mask_path) if mask_path else None
+    return volume, detect(volume, modality, mask, settings, models, progress, cancel)

@@ -1,0 +1,102 @@
+"""Every tunable of detection in one dataclass, with documented defaults and units."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .. import MODALITIES
+from ..errors import InputError
+
+
+@dataclass
+class DetectionSettings:
+    """Detection settings. Distances in mm, volumes in mm^3, probabilities in [0, 1].
+
+    The networks run on an isotropic working grid of ``working_spacing_mm``; everything reported
+    is mapped back to the input grid through RAS.
+    """
+
+    #: Student probability a kept candidate needs to be reported (the Slicer slider).
+    threshold: float = 0.5
+    #: Per-modality student thresholds, e.g. ``{"gre": 0.75}``; a modality not listed uses
+    #: ``threshold``. The bundled operating point sets them (each modality has its own false
+    #: positives: calcifications on GRE, veins on SWI); an explicit threshold overrides them.
+    modality_thresholds: dict = field(default_factory=dict)
+    #: Detector probability that makes a voxel part of a candidate (low: the detector is tuned
+    #: for sensitivity; the student removes false positives).
+    candidate_threshold: float = 0.3
+    #: Isotropic spacing (mm) the scan is resampled to for the networks.
+    working_spacing_mm: float = 1.0
+    #: Automatic brain mask of GRE/SWI: grey-scale closing (mm) of the image before its
+    #: threshold, which fills thin dark bands (the cortical rim SWI's phase mask darkens, sulcal
+    #: veins) that otherwise cut brain and surface CMBs out of the mask. 0 = no closing. The
+    #: networks are trained with one mask, so a model bundle sets this (its manifest).
+    mask_closing_mm: float = 0.0
+    #: Fast radial symmetry transform radii (mm) and radial strictness.
+    frst_radii_mm: tuple = (1.0, 2.0, 3.0)
+    frst_alpha: float = 2.0
+    #: Sliding-window tile edge (voxels of the working grid) and overlap fraction. 192 runs an
+    #: adult brain's bounding box at 1 mm in one pass (no tile borders; peak memory about
+    #: 1.5 GB for 157x184x144 voxels); larger boxes are split into fitted tiles.
+    tile_size: int = 192
+    tile_overlap: float = 0.15
+    #: Clean-up: component volume range (mm^3) on the working grid. 2 mm^3 ~ a 1.6 mm sphere;
+    #: 525 mm^3 ~ a 10 mm sphere (the largest CMB by the Greenberg criteria).
+    min_volume_mm3: float = 2.0
+    max_volume_mm3: float = 525.0
+    #: Clean-up: maximal elongation 1 - sqrt(l_min/l_max) of the component's inertia (veins
+    #: are tubes, CMBs round); applied to components of at least ``elongation_min_voxels``.
+    max_elongation: float = 0.75
+    elongation_min_voxels: int = 6
+    #: Clean-up: candidates whose centroid lies closer than this to the brain-mask boundary are
+    #: removed (pial veins, sinus and skull-base artefacts).
+    min_edge_distance_mm: float = 3.0
+    #: Inference device: auto (CUDA when available), cpu or cuda.
+    device: str = "auto"
+    #: Candidates scored per student forward pass.
+    batch_size: int = 64
+    #: Average the student over each patch's eight mirror images (the bundled operating point
+    #: was chosen with it on).
+    mirrored_scoring: bool = True
+
+    def validate(self) -> "DetectionSettings":
+        if not 0.0 <= self.threshold <= 1.0:
+            raise InputError(f"threshold must be in [0, 1], got {self.threshold}")
+        for modality, t in self.modality_thresholds.items():
+            if modality not in MODALITIES:
+                raise InputError(f"modality_thresholds: unknown modality {modality!r} "
+                                 f"(expected one of {', '.join(MODALITIES)})")
+            if not 0.0 <= float(t) <= 1.0:
+                raise InputError(f"{modality} threshold must be in [0, 1], got {t}")
+        if not 0.0 < self.candidate_threshold < 1.0:
+            raise InputError(f"candidate threshold must be in (0, 1), got "
+                             f"{self.candidate_threshold}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0.0 <= self.mask_closing_mm <= 10.0:
+            raise InputError(f"mask_closing_mm must be in [0, 10], got {self.mask_closing_mm}")
+        if self.min_volume_mm3 > self.max_volume_mm3:
+            raise InputError("min_volume_mm3 exceeds max_volume_mm3")
+        return self
+
+    def threshold_for(self, modality: str) -> float:
+        """The student threshold that applies to a scan of ``modality``."""
+        return float(self.modality_thresholds.get(modality, self.threshold))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["frst_radii_mm"] = list(self.frst_radii_mm)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DetectionSettings":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise InputError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "frst_radii_mm" in d:
+            d["frst_radii_mm"] = tuple(d["frst_radii_mm"])
+        if "modality_thresholds" in d:
+            d["modality_thresholds"] = {str(k): float(v)
+                                        for k, v in dict(d["modality_thresholds"] or {}).items()}
+        return cls(**d).validate()

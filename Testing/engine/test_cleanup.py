@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import numpy as np
+
+from CMBDetectorLib.engine.cleanup import edge_distance, shape_features, verdicts
+from CMBDetectorLib.engine.settings import DetectionSettings
+
+
+def test_sphere_round_tube_elongated_and_volume_in_mm3():
+    lab = np.zeros((40, 40, 40), np.int32)
+    k, j, i = np.indices(lab.shape)
+    lab[(i - 10) ** 2 + (j - 10) ** 2 + (k - 10) ** 2 <= 9] = 1
+    lab[((i - 30) ** 2 + (j - 30) ** 2 <= 1) & (k > 5) & (k < 35)] = 2
+    vol, el = shape_features(lab, 2, (0.5, 0.5, 0.5))
+    assert el[0] < 0.2 and el[1] > 0.8
+    assert vol[0] == (lab == 1).sum() * 0.125
+
+
+def test_anisotropic_voxels_do_not_fake_elongation():
+    # A 6 mm ball sampled at 0.5 x 0.5 x 2 mm is still round in mm.
+    sp = np.array([0.5, 0.5, 2.0])
+    k, j, i = np.indices((12, 40, 40))
+    ball = ((i - 20) * sp[0]) ** 2 + ((j - 20) * sp[1]) ** 2 + ((k - 6) * sp[2]) ** 2 <= 9
+    _, el = shape_features(ball.astype(np.int32), 1, sp)
+    assert el[0] < 0.3
+
+
+def test_edge_distance_and_verdicts():
+    mask = np.zeros((30, 30, 30), bool)
+    mask[5:25, 5:25, 5:25] = True
+    d = edge_distance(mask, np.array([[15, 15, 15], [6, 15, 15]]), (1, 1, 1))
+    assert d[0] > d[1] and d[1] <= 2
+    s = DetectionSettings()
+    assert verdicts([1.0, 30, 30, 30, 600], [0, 0, 0.9, 0, 0], [1, 30, 30, 30, 600],
+                    [10, 10, 10, 1, 10], s) == ["too small", "", "elongated", "brain edge",
+                                                "too large"]

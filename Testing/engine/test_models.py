@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from CMBDetectorLib.errors import ModelError
+from CMBDetectorLib.engine.models import load_bundle, select_device, verify
+
+
+def test_missing_manifest_refuses_to_run(tmp_path):
+    with pytest.raises(ModelError, match="no trained weights"):
+        load_bundle(tmp_path)
+
+
+def test_altered_weights_refused_with_file_name(tiny_run, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_run[1], d)
+    with open(d / "student.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match="altered: .*student.pt"):
+        verify(d)
+
+
+def test_missing_weights_file_named(tiny_run, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_run[1], d)
+    (d / "detector.pt").unlink()
+    with pytest.raises(ModelError, match="missing: .*detector.pt"):
+        verify(d)
+
+
+def test_pickled_code_is_never_executed(tiny_run, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_run[1], d)
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+
+    torch.save({"x": Evil()}, d / "student.pt")
+    manifest = json.loads((d / "manifest.json").read_text())
+    from CMBDetectorLib.engine.models import write_manifest
+    write_manifest(d, manifest)  # re-hash so only weights_only can stop it
+    with pytest.raises(ModelError, match="cannot load"):
+        load_bundle(d)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bundle_loads_with_manifest_settings(tiny_bundle):
+    assert set(tiny_bundle.settings) >= {"candidate_threshold", "threshold"}
+    assert not tiny_bundle.detector.training and not tiny_bundle.student.training
+
+
+def test_device_choice():
+    assert select_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert select_device("auto").type == "cpu"
+        with pytest.raises(ModelError, match="cuda"):
+            select_device("cuda")
+
+
+def test_default_threshold_per_modality_falls_back_to_the_shared_one():
+    from CMBDetectorLib.engine.models import default_threshold
+
+    manifest = {"inference": {"threshold": 0.85, "modality_thresholds": {"gre": 0.75}}}
+    assert default_threshold("gre", manifest) == 0.75
+    assert default_threshold("swi", manifest) == 0.85
+    assert default_threshold("qsm", {"inference": {"threshold": 0.9}}) == 0.9
+    assert default_threshold("qsm", {}) == 0.5

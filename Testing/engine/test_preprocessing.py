@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from CMBDetectorLib.errors import InputError
+from CMBDetectorLib.engine.preprocessing import (brain_mask, check_mask, check_modality, check_volume,
+                                          normalise, prepare)
+from CMBDetectorLib.engine.settings import DetectionSettings
+from CMBDetectorLib.engine.volume import Volume
+
+
+def _tissue_with_spot(value_tissue, value_spot):
+    a = np.full((20, 20, 20), value_tissue, np.float32)
+    a += np.random.default_rng(0).normal(0, 1, a.shape).astype(np.float32)
+    a[10, 10, 10] = value_spot
+    return a, np.ones(a.shape, bool)
+
+
+@pytest.mark.parametrize("modality", ["gre", "swi"])
+def test_magnitude_is_inverted_so_dark_foci_are_positive(modality):
+    a, m = _tissue_with_spot(100.0, 10.0)
+    n = normalise(a, m, modality)
+    assert n[10, 10, 10] > 0.5 and abs(np.median(n)) < 0.05
+
+
+def test_qsm_keeps_sign_paramagnetic_bright_diamagnetic_negative():
+    a, m = _tissue_with_spot(0.0, 5.0)
+    a[5, 5, 5] = -5.0
+    n = normalise(a, m, "qsm")
+    assert n[10, 10, 10] > 0.5 and n[5, 5, 5] < -0.5
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (np.zeros((10, 10)), "3D"),
+    (np.zeros((30, 30, 30, 2)), "3D"),
+    (np.full((30, 30, 30), 7.0), "constant"),
+    (np.zeros((5, 40, 40)) + np.arange(40), "field of view"),
+])
+def test_check_volume_rejects(bad, msg):
+    with pytest.raises(InputError, match=msg):
+        check_volume(Volume(np.asarray(bad, np.float32)))
+
+
+def test_nan_rejected():
+    a = np.random.default_rng(0).random((30, 30, 30)).astype(np.float32)
+    a[3, 3, 3] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        check_volume(Volume(a))
+
+
+def test_modality_aliases_and_unknown():
+    assert check_modality("T2*") == "gre" and check_modality("QSM") == "qsm"
+    with pytest.raises(InputError, match="unknown modality"):
+        check_modality("flair")
+
+
+def test_mask_on_other_grid_rejected():
+    v = Volume.from_arrays(np.random.default_rng(0).random((30, 30, 30)))
+    with pytest.raises(InputError, match="another grid"):
+        check_mask(Volume.from_arrays(np.ones((30, 30, 31))), v)
+
+
+@pytest.mark.parametrize("modality", ["swi", "gre", "qsm"])
+def test_brain_mask_matches_simulated_truth(whole_subject, modality):
+    from CMBDetectorLib.engine.preprocessing import to_working_grid
+    from CMBDetectorLib.engine.volume import resample
+
+    work = to_working_grid(whole_subject.images[modality], 1.0)
+    truth = resample(whole_subject.brain_mask, None, "nearest", reference=work).array > 0
+    est = brain_mask(work.array, 1.0, modality)
+    dice = 2 * (est & truth).sum() / (est.sum() + truth.sum())
+    assert dice > 0.93
+
+
+def test_prepare_outputs_consistent_grid(small_subject):
+    p = prepare(small_subject.images["swi"], "swi", None, DetectionSettings())
+    assert p.image.shape == p.frst.shape == p.mask.shape
+    np.testing.assert_allclose(p.grid.spacing, 1.0, atol=1e-6)
+    assert p.image[~p.mask].max() == 0 and p.frst.dtype == np.float32
+
+
+def test_mask_closing_keeps_tissue_beyond_a_thin_dark_band():
+    # a 40 mm brain whose upper half has a 3 mm dark band at 35-38 mm (SWI's darkened rim):
+    # without closing the tissue beyond the band falls out of the mask, with 3 mm it stays
+    z, y, x = np.indices((96, 96, 96)) - 47.5
+    r = np.sqrt(x * x + y * y + z * z)
+    a = np.where(r < 40, 100.0, 0.0).astype(np.float32)
+    a[(r >= 35) & (r < 38) & (z > 5)] = 5.0
+    beyond = (r >= 38.5) & (r < 39.5) & (z > 15)
+    plain = brain_mask(a, 1.0, "swi")
+    closed = brain_mask(a, 1.0, "swi", closing_mm=3.0)
+    assert plain[beyond].mean() < 0.1 and closed[beyond].mean() > 0.9
+    # the closing does not grow the mask into the background
+    assert not closed[r > 44].any()
+    with pytest.raises(InputError, match="mask_closing_mm"):
+        DetectionSettings(mask_closing_mm=-1.0).validate()
