@@ -113,6 +113,9 @@ class SimulationConfig:
     swi_power: int = 4
     qsm_blur_vox: float = 0.6
     scale: float = 500.0  # GRE intensity of white matter (arbitrary units)
+    # --- anatomy variants (issue 25): fields below this line, above the next marker ---
+    # --- appearance variants (issue 25): fields below this line, above the next marker ---
+    # --- lesion prior (issue 25): fields below this line, above def block ---
 
     def block(self, stage: str) -> SimpleNamespace:
         """The fields ``stage`` may read (STAGE_FIELDS plus STAGE_BORROWS) as a namespace;
