@@ -1303,7 +1303,7 @@ def stage_truth(st: SimState, c) -> None:
                   phase_convention="phase = -gamma*dB*TE; paramagnetic -> negative pole phase",
                   cmb_label="visible GRE footprint (>=40% attenuation) + centre voxel",
                   min_visible_diameter_mm=rec["min_visible_diameter_mm"],
-                  simulator="CMBDetectorLib.simulation.simulator v1")
+                  simulator="CMBDetectorLib.simulation v1")
     truth = dict(cmbs=st.cmbs, mimics=st.mimics, params=params)
     images = {"gre": T.volume(st.gre, "gre"), "swi": T.volume(st.swi, "swi"),
               "qsm": T.volume(st.qsm, "qsm")}
