@@ -366,7 +366,7 @@ class CMBDetectorTest(ScriptedLoadableModuleTest):
         for name in INPUT_CONTROLS + REVIEW_CONTROLS + ("detectButton", "cancelButton",
                                                          "progressBar", "resultsTableView"):
             self.assertTrue(hasattr(widget.ui, name), name)
-        node, _truth = selftest.add_scan(slicer.mrmlScene)
-        node.SetName("7: T2star hemo")
+        widget.ui.inputVolumeSelector.setCurrentNode(None)
+        node, _truth = selftest.add_scan(slicer.mrmlScene, name="7: T2star hemo")
         widget.ui.inputVolumeSelector.setCurrentNode(node)
         self.assertEqual(widget._parameterNode.modality, "T2*-GRE")

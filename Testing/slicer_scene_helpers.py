@@ -6,7 +6,6 @@ A real MRML scene with the application and module logics registered the way tram
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from CMBDetectorLib.slicer_module.standins import (TRUTH, add_linear_transform, add_volume,  # noqa: F401

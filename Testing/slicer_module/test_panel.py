@@ -6,7 +6,6 @@ import json
 import sys
 import time
 
-import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")

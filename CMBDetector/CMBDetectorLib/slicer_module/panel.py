@@ -289,8 +289,8 @@ class PanelController:
         try:
             nodes = self.logic.finishRun(run)
         except Cancelled:
-            self.view.status("Cancelled; nothing was changed.")
             self.view.progress("cancelled", 0.0)
+            self.view.status("Cancelled; nothing was changed.")
         except CMBError as exc:
             self._fail(str(exc))
         else:
@@ -322,8 +322,8 @@ class PanelController:
         if run is None:
             return
         run.cancel()
+        self.view.progress("cancelled", 0.0)  # the status line last: it stays visible
         self.view.status("Cancelled; nothing was changed.")
-        self.view.progress("cancelled", 0.0)
         self.view.refresh()
 
     # --- scene -----------------------------------------------------------------------------
