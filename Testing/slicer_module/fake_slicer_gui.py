@@ -176,7 +176,7 @@ def install(scene, monkeypatch, testing: bool = True):
     import slicer.util
 
     recorded = types.SimpleNamespace(errors=[], confirms=[], translations=[], app_slots=[],
-                                     widget=None)
+                                     pip_calls=[], widget=None)
 
     qt = types.ModuleType("qt")
     qt.QTimer = FakeTimer
@@ -270,7 +270,7 @@ def install(scene, monkeypatch, testing: bool = True):
                         ("confirmOkCancelDisplay",
                          lambda text, **kw: recorded.confirms.append(text) or False),
                         ("errorDisplay", lambda text, **kw: recorded.errors.append(text)),
-                        ("pip_install", lambda *a, **kw: None),
+                        ("pip_install", lambda *a, **kw: recorded.pip_calls.append(a)),
                         ("tryWithErrorDisplay", try_with_error_display),
                         ("selectModule", select_module)):
         monkeypatch.setattr(slicer.util, name, value, raising=False)

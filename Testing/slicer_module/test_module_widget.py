@@ -127,3 +127,26 @@ def test_in_slicer_test_class_passes_method_by_method_after_clear(slicer_gui):
         case.setUp()
         getattr(case, name)()
     module.CMBDetectorTest().runTest()
+
+
+def test_loading_and_entering_the_module_imports_no_torch_and_installs_nothing():
+    """In a fresh process (as Slicer at start-up): import the module, create and enter the
+    panel; torch stays out of the process (a child reports the device) and pip is not run."""
+    import subprocess
+    from pathlib import Path
+
+    code = (
+        "import sys, pytest; sys.path[:0] = sys.argv[1:3]\n"
+        "import fake_slicer_gui as gui\n"
+        "from slicer_scene_helpers import make_app\n"
+        "mp = pytest.MonkeyPatch(); scene = make_app()[0]\n"
+        "module, rec = gui.install(scene, mp)\n"
+        "w = gui.make_widget(module, rec); gui.pump(w)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert not rec.pip_calls and not rec.confirms, rec.pip_calls\n"
+        "assert w.ui.deviceInfoLabel.text.startswith('torch '), w.ui.deviceInfoLabel.text\n"
+        "print('ok')\n")
+    here = Path(__file__).resolve().parent
+    out = subprocess.run([sys.executable, "-c", code, str(here), str(here.parent)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-1500:]
