@@ -115,6 +115,23 @@ class SimulationConfig:
     scale: float = 500.0  # GRE intensity of white matter (arbitrary units)
     # --- anatomy variants (issue 25): fields below this line, above the next marker ---
     # --- appearance variants (issue 25): fields below this line, above the next marker ---
+    #: Appearance knobs (appearance.py; docs/simulation.md "Appearance variants"). Each default
+    #: reproduces the simulator's output bit for bit; "random" draws the knob per subject from
+    #: its own generator (appearance.family_rng), never from the main stream;
+    #: appearance.RANDOM_APPEARANCE sets every knob to "random".
+    gre_weighting: str = "t2star"  # "t2star" | "2d_long_tr" | "3d_spoiled" | "mixed" | "random"
+    gfactor: float | str = 0.0  # parallel-imaging noise amplification: g = 1 .. 1 + gfactor
+    bias_strength: float | str = 1.0  # multiplies the log bias field
+    gibbs: float | str = 0.0  # share of in-plane k-space cut (ringing), 0-0.35
+    ghosting: float | str = 0.0  # phase-encode ghost amplitude (N/2 or motion-like), 0-0.06
+    texture: float | str = 0.0  # std of the small-scale multiplicative brain texture, 0-0.06
+    swi_filter: str = "gaussian"  # homodyne low-pass: "gaussian" (3D) | "hann" (2D k-space)
+    swi_mask: str = "negative"  # phase mask: "negative" | "positive" | "both"
+    swi_mip: int | str = 0  # minimum-intensity projection over this many slices (0: none)
+    qsm_recon: str = "current"  # "current" (blurred chi) | "tkd" | "tikhonov" | "random"
+    qsm_background: float | str = 0.0  # residual background field left in (ppm of field)
+    qsm_scale: float | str = 1.0  # multiplies the QSM (ppm scale of the reconstruction)
+    qsm_offset_ppm: float | str = 0.0  # added inside the brain (reference region)
     # --- lesion prior (issue 25): fields below this line, above def block ---
 
     def block(self, stage: str) -> SimpleNamespace:
@@ -139,15 +156,16 @@ STAGE_FIELDS = {
     "veins": ("veins", "vein_density"),
     "air": ("air",),
     "field": (),
-    "signal": ("fine_mm",),
+    "signal": ("fine_mm", "gre_weighting"),
     "cmbs": ("n_cmbs", "cmb_specs", "cmb_radius_mm", "cmb_chi_ppm", "cmb_dark_context",
              "min_visible_diameter_mm"),
     "calcifications": ("calcifications", "calc_specs"),
     "labels": (),
-    "acquisition": ("noise", "bias", "scale"),
+    "acquisition": ("noise", "bias", "scale", "gfactor", "bias_strength", "gibbs", "ghosting",
+                    "texture"),
     "gre": (),
-    "swi": ("homodyne_sigma_mm", "swi_power"),
-    "qsm": ("qsm_blur_vox",),
+    "swi": ("homodyne_sigma_mm", "swi_power", "swi_filter", "swi_mask", "swi_mip"),
+    "qsm": ("qsm_blur_vox", "qsm_recon", "qsm_background", "qsm_scale", "qsm_offset_ppm"),
     "truth": (),
 }
 #: Fields a stage reads besides its own: dark-context CMB placement looks at the lesion-free
@@ -950,10 +968,18 @@ def stage_signal(st: SimState, c) -> None:
     """Complex GRE signal on T: M0, R2* decay, sinc dephasing across each voxel from the field
     gradient, the field's phase, and the veins' blood compartment by volume fraction. Records
     ``fine_mm``, the sub-voxel spacing at which the CMB and calcification stages multiply their
-    sources into this signal. The field grid's arrays are dropped here."""
+    sources into this signal. The field grid's arrays are dropped here. ``gre_weighting`` other
+    than "t2star" scales each tissue's M0 by its TR/flip steady state (appearance.py)."""
     rng, te, ppm = st.rng, st.te, st.phase_per_ppm
     st.fine_mm = c.fine_mm
     st.params["fine_mm"] = c.fine_mm
+    if c.gre_weighting != "t2star":
+        from . import appearance as ap
+
+        proto = ap.draw_gre_weighting(c.gre_weighting, st.b0,
+                                      ap.family_rng(st.seed, "gre_weighting"))
+        st.params.setdefault("appearance", {})["gre_weighting"] = proto
+        st.m0_map = ap.weighted_m0(st.m0_map, st.an, st.m0, proto)
     m0_t = st.m0_t = _to_target(st, st.m0_map)
     r2_t = _to_target(st, st.r2_map)
     fld_t = _to_target(st, st.field_ppm)
@@ -1236,10 +1262,23 @@ def _bias_field(rng, shape) -> np.ndarray:
 
 def stage_acquisition(st: SimState, c) -> None:
     """Receive bias, scaling to ``scale`` in white matter and complex Gaussian noise (Rician
-    magnitude), applied alike to the lesion-free signal."""
+    magnitude), applied alike to the lesion-free signal. Appearance knobs (appearance.py):
+    bias strength, brain texture, Gibbs truncation and ghosts on the noise-free signal, and a
+    g-factor map scaling the noise; their random fields come from their own generators, so
+    the main stream draws the same bias and noise."""
+    from . import appearance as ap
+
     sig, free = st.sig, st.sig_free
+    knobs = dict(gfactor=c.gfactor, bias_strength=c.bias_strength, gibbs=c.gibbs,
+                 ghosting=c.ghosting, texture=c.texture)
+    app = gmap = None
+    if knobs != ap.ACQUISITION_DEFAULTS:
+        app = ap.draw_acquisition(knobs, lambda k: ap.family_rng(st.seed, k))
+        st.params.setdefault("appearance", {}).update({k: v for k, (v, _) in app.items()})
     if c.bias:
         logb = _bias_field(st.rng, st.shape)
+        if app is not None and app["bias_strength"][0] != 1.0:
+            logb *= np.float32(app["bias_strength"][0])
         sig *= np.exp(logb)
         if free is not None:
             free *= np.exp(logb)
@@ -1248,11 +1287,18 @@ def stage_acquisition(st: SimState, c) -> None:
     sig *= np.float32(c.scale / wm_ref)
     if free is not None:
         free *= np.float32(c.scale / wm_ref)
+    if app is not None:
+        gmap, effects = ap.acquisition_effects(app, st.shape, st.spacing, st.brain_t)
+        st.sig = sig = effects(sig)
+        if free is not None:
+            st.sig_free = free = effects(free)
     st.noisy = bool(c.noise)
     if c.noise:
         sd = c.scale / st.snr
         for part in ("real", "imag"):
             nz = st.rng.standard_normal(sig.shape, dtype=np.float32) * np.float32(sd)
+            if gmap is not None:
+                nz *= gmap
             getattr(sig, part)[...] += nz
             if free is not None:
                 getattr(free, part)[...] += nz
@@ -1266,23 +1312,65 @@ def stage_gre(st: SimState, c) -> None:
 
 def stage_swi(st: SimState, c) -> None:
     """SWI by homodyne filtering, and the CMB label map as the SWI shows it (each CMB's SWI
-    footprint, measured against the lesion-free SWI)."""
+    footprint, measured against the lesion-free SWI). Appearance knobs (appearance.py): a 2D
+    k-space Hann homodyne instead of the Gaussian, the positive or both-sided phase mask, a
+    minimum-intensity projection; the lesion-free SWI is made the same way."""
     sigma, power, spacing = c.homodyne_sigma_mm, c.swi_power, st.spacing
+
+    def make(s):
+        return _homodyne_swi(s, spacing, sigma, power)
+
+    if (c.swi_filter, c.swi_mask, c.swi_mip) != ("gaussian", "negative", 0):
+        from . import appearance as ap
+
+        v = ap.draw_swi(c.swi_filter, c.swi_mask, c.swi_mip, sigma, power,
+                        lambda k: ap.family_rng(st.seed, k))
+        st.params.setdefault("appearance", {})["swi"] = v
+        sigma, power = v["sigma_mm"], v["power"]
+
+        def make(s):  # noqa: F811
+            lp = (_smooth_lowres(s, sigma, spacing) if v["filter"] == "gaussian"
+                  else ap.hann_lowpass(s, spacing, sigma))
+            return ap.swi_image(s, lp, power, v["mask"], v["mip"])
+
     st.params["swi_power"], st.params["homodyne_sigma_mm"] = power, sigma
-    st.phase, st.swi = _homodyne_swi(st.sig, spacing, sigma, power)
+    st.phase, st.swi = make(st.sig)
     st.swi_lab = st.cmb_lab
     if st.sig_free is not None:
         st.swi_lab = _swi_footprints(st.cmbs, st.cmb_slabs, st.cmb_lab, st.swi,
-                                     _homodyne_swi(st.sig_free, spacing, sigma, power)[1],
+                                     make(st.sig_free)[1],
                                      st.brain_t > 0.5, float(np.prod(spacing)))
         st.sig_free = None
 
 
 def stage_qsm(st: SimState, c) -> None:
     """QSM: true chi blurred like a reconstruction, noisy when the acquisition was, inside the
-    eroded brain."""
+    eroded brain. Appearance knobs (appearance.py): TKD or Tikhonov inversion of the simulated
+    local field, background residue, ppm scale and offset; the main stream's noise draws are
+    consumed as before."""
     from scipy import ndimage as ndi
 
+    from . import appearance as ap
+
+    knobs = dict(qsm_recon=c.qsm_recon, qsm_background=c.qsm_background,
+                 qsm_scale=c.qsm_scale, qsm_offset_ppm=c.qsm_offset_ppm)
+    if knobs != ap.QSM_DEFAULTS:
+        v = ap.draw_qsm(knobs, lambda k: ap.family_rng(st.seed, k))
+        st.params.setdefault("appearance", {})["qsm"] = v
+        brain = (st.brain_t > 0.5).astype(np.float32)
+        white = fnoise = None
+        if st.noisy:
+            white = st.rng.standard_normal(st.chi_t.shape, dtype=np.float32)
+            # phase noise ~ 1 / (SNR x relative magnitude), in ppm of field
+            mag = np.abs(st.sig)
+            ref = float(np.median(mag[brain > 0])) if np.any(brain) else float(mag.max())
+            fnoise = (ref / st.snr / np.maximum(mag, 0.1 * ref) / st.phase_per_ppm)
+        b = st.T.direction.T @ (np.asarray(st.b0_dir, float) / np.linalg.norm(st.b0_dir))
+        qsm = ap.qsm_variant(st.chi_t, brain, st.spacing, b, v,
+                             ap.family_rng(st.seed, "qsm_background", 1), white, fnoise,
+                             0.006 * 3.0 / st.b0 * 40.0 / st.snr, c.qsm_blur_vox)
+        st.qsm = (qsm * ndi.binary_erosion(brain > 0, iterations=1)).astype(np.float32)
+        return
     qsm = ndi.gaussian_filter(st.chi_t, c.qsm_blur_vox)
     if st.noisy:
         qsm += st.rng.standard_normal(qsm.shape, dtype=np.float32) * np.float32(
