@@ -162,3 +162,14 @@ def test_gpu_fallback_is_recorded_with_the_device_used(small_subject, tiny_bundl
     paths = write_outputs(vol, res, tmp_path, name="s")
     doc = json.loads(paths["json"].read_text())
     assert doc["device"] == "cpu" and doc["warnings"] == res.warnings
+
+
+def test_a_device_fallback_at_loading_reaches_the_result(small_subject, tiny_bundle,
+                                                         low_settings):
+    from dataclasses import replace
+
+    note = "CUDA is present but unusable (no kernel image); running on the CPU"
+    res = detect(small_subject.images["swi"], "swi", settings=low_settings,
+                 models=replace(tiny_bundle, notes=[note]))
+    assert res.warnings[0] == note and res.device == "cpu" and res.device_name == ""
+    assert res.summary()["device_name"] == "" and res.summary()["warnings"][0] == note

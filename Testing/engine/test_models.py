@@ -55,7 +55,7 @@ def test_bundle_loads_with_manifest_settings(tiny_bundle):
     assert not tiny_bundle.detector.training and not tiny_bundle.student.training
 
 
-def test_device_choice():
+def test_device_choice():  # noqa: D103
     assert select_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         assert select_device("auto").type == "cpu"
@@ -71,3 +71,29 @@ def test_default_threshold_per_modality_falls_back_to_the_shared_one():
     assert default_threshold("swi", manifest) == 0.85
     assert default_threshold("qsm", {"inference": {"threshold": 0.9}}) == 0.9
     assert default_threshold("qsm", {}) == 0.5
+
+
+def test_auto_falls_back_to_the_cpu_when_cuda_is_present_but_unusable(monkeypatch, tiny_run):
+    """A torch build without kernels for the card passes ``is_available()`` and fails at the
+    first kernel: ``auto`` must warn and use the CPU, ``cuda`` must say why, and the bundle
+    carries the note so detection.json and Slicer show it."""
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_ones = torch.ones
+
+    def ones(*args, **kw):
+        if str(kw.get("device", "")).startswith("cuda"):
+            raise RuntimeError("CUDA error: no kernel image is available for execution on "
+                               "the device\nmore text")
+        return real_ones(*args, **kw)
+
+    monkeypatch.setattr(torch, "ones", ones)
+    notes = []
+    with pytest.warns(RuntimeWarning, match="no kernel image"):
+        assert select_device("auto", notes).type == "cpu"
+    assert len(notes) == 1 and notes[0].endswith("running on the CPU") and "\n" not in notes[0]
+    with pytest.raises(ModelError, match="unusable.*no kernel image"):
+        select_device("cuda")
+    with pytest.warns(RuntimeWarning):
+        bundle = load_bundle(tiny_run[1], device="auto")
+    assert bundle.device.type == "cpu" and "no kernel image" in bundle.notes[0]

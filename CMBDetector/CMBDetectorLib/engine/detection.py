@@ -107,7 +107,7 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
         patch = int(models.manifest.get("patch_size", 24)) if hasattr(models, "manifest") else 24
         conf = score_candidates(models.student, channels, centres, patch, settings.batch_size,
                                 settings.mirrored_scoring)
-    notes = _reissue(caught)
+    notes = list(getattr(models, "notes", [])) + _reissue(caught)
 
     prog.stage("clean-up")
     spacing = prep.grid.spacing
@@ -130,7 +130,8 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
                            timings=prog.timings, model_version=getattr(models, "version", ""),
                            settings=settings.to_dict(),
                            brain_mask=mask_input.astype(np.uint8),
-                           device=device_used(models), warnings=notes)
+                           device=device_used(models), device_name=device_name(models),
+                           warnings=notes)
 
 
 def _reissue(caught) -> list:
@@ -141,6 +142,15 @@ def _reissue(caught) -> list:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         notes.append(str(w.message))
     return notes
+
+
+def device_name(models) -> str:
+    """The GPU's name when the networks ran on CUDA ("" on the CPU)."""
+    if device_used(models) != "cuda":
+        return ""
+    import torch
+
+    return torch.cuda.get_device_name(next(models.detector.parameters()).device)
 
 
 def device_used(models) -> str:

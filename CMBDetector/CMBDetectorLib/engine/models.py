@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class ModelBundle:
     device: object = None
     directory: Path | None = None
     settings: dict = field(default_factory=dict)
+    #: why the networks are not where they were asked to be (e.g. unusable CUDA -> CPU)
+    notes: list = field(default_factory=list)
 
     @property
     def version(self) -> str:
@@ -80,17 +83,41 @@ def verify(directory=None) -> dict:
     return manifest
 
 
-def select_device(preference: str = "auto"):
-    """``auto``: CUDA when available, else CPU; ``cuda`` fails clearly when there is none."""
+def cuda_problem() -> str:
+    """Why CUDA cannot run this engine here ("" when it can).
+
+    ``is_available()`` is not enough: a torch build without kernels for the card, or a card
+    whose memory is taken, only fails when a kernel runs, so a tiny one is run here."""
+    import torch
+
+    if not (torch.backends.cuda.is_built() and torch.cuda.is_available()):
+        return "no CUDA device is available"
+    try:
+        x = torch.ones(64, device="cuda")
+        torch.nn.functional.conv3d(x.view(1, 1, 4, 4, 4), torch.ones(1, 1, 3, 3, 3,
+                                                                      device="cuda")).sum().item()
+    except Exception as exc:  # RuntimeError (no kernel image), torch.cuda.OutOfMemoryError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"CUDA is present but unusable ({first})"
+    return ""
+
+
+def select_device(preference: str = "auto", notes: list | None = None):
+    """``auto``: CUDA when it works, else the CPU (with a warning, also appended to ``notes``,
+    when a GPU is present but unusable); ``cuda`` fails clearly when it does not work."""
     import torch
 
     if preference == "cpu":
         return torch.device("cpu")
-    cuda_ok = torch.backends.cuda.is_built() and torch.cuda.is_available()
-    if preference == "cuda" and not cuda_ok:
-        raise ModelError("device 'cuda' requested but no CUDA device is available "
-                         "(use --device auto or cpu)")
-    return torch.device("cuda" if cuda_ok else "cpu")
+    problem = cuda_problem()
+    if preference == "cuda" and problem:
+        raise ModelError(f"device 'cuda' requested but {problem} (use --device auto or cpu)")
+    if problem and problem != "no CUDA device is available":
+        message = f"{problem}; running on the CPU"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if notes is not None:
+            notes.append(message)
+    return torch.device("cpu" if problem else "cuda")
 
 
 def load_network(directory: Path, entry: dict, device):
@@ -112,11 +139,24 @@ def load_bundle(directory=None, device: str = "auto") -> ModelBundle:
     """Verify and load the detector and the student."""
     directory = Path(directory or MODELS_DIR)
     manifest = verify(directory)
-    dev = select_device(device)
+    notes: list = []
+    dev = select_device(device, notes)
     entries = manifest["models"]
-    return ModelBundle(load_network(directory, entries["detector"], dev),
-                       load_network(directory, entries["student"], dev), manifest, dev,
-                       directory, manifest.get("inference", {}))
+    try:
+        nets = [load_network(directory, entries[k], dev) for k in ("detector", "student")]
+    except RuntimeError as exc:  # e.g. CUDA out of memory while moving the weights
+        if dev.type != "cuda" or device == "cuda":
+            raise
+        import torch
+
+        message = f"CUDA failed while loading the models ({str(exc).splitlines()[0]}); " \
+                  "running on the CPU"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        notes.append(message)
+        dev = torch.device("cpu")
+        nets = [load_network(directory, entries[k], dev) for k in ("detector", "student")]
+    return ModelBundle(nets[0], nets[1], manifest, dev, directory, manifest.get("inference", {}),
+                       notes)
 
 
 def write_manifest(directory, manifest: dict) -> Path:

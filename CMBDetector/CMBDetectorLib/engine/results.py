@@ -80,6 +80,7 @@ class DetectionResult:
     settings: dict = field(default_factory=dict)
     brain_mask: np.ndarray | None = None        # uint8 [k, j, i] on the input grid
     device: str = ""                 # device the networks actually ran on ("cuda", "cpu")
+    device_name: str = ""            # the GPU's name when that was CUDA
     warnings: list = field(default_factory=list)  # e.g. the GPU ran out of memory: CPU used
 
     def lesions(self, threshold: float | None = None) -> list:
@@ -113,7 +114,8 @@ class DetectionResult:
         """JSON-ready provenance and candidate list (label maps excluded)."""
         return {"modality": self.modality, "threshold": self.threshold,
                 "model_version": self.model_version, "settings": self.settings,
-                "device": self.device, "warnings": list(self.warnings),
+                "device": self.device, "device_name": self.device_name,
+                "warnings": list(self.warnings),
                 "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
                 "ijk_to_ras": np.asarray(self.ijk_to_ras).tolist(), "shape_kji": list(self.shape),
                 "stage_counts": self.stage_counts(),

@@ -303,7 +303,8 @@ class PanelController:
     def _finished(self, run, nodes) -> None:
         result = self.logic.results[run.volumeNode.GetID()]
         self._appliedThreshold = self.params.threshold if self.params is not None else None
-        self.lastDevice = f"last run on {result.device or 'unknown device'}"
+        name = f" ({result.device_name})" if result.device_name else ""
+        self.lastDevice = f"last run on {result.device or 'unknown device'}{name}"
         text = f"Done: {len(nodes['lesions'])} lesion(s)."
         notes = list(dict.fromkeys(list(result.warnings) + list(run.worker.warnings)))
         if notes:

@@ -54,6 +54,7 @@ def save_result(result: DetectionResult, folder) -> None:
             "shape": list(result.shape), "threshold": float(result.threshold),
             "timings": _plain(result.timings), "model_version": result.model_version,
             "settings": _plain(result.settings), "device": result.device,
+            "device_name": getattr(result, "device_name", ""),
             "warnings": list(result.warnings),
             "candidates": [_plain(asdict(c)) for c in result.candidates]}
     arrays = {}
@@ -137,6 +138,7 @@ def load_result(folder) -> DetectionResult:
                            model_version=meta.get("model_version", ""),
                            settings=meta.get("settings", {}), brain_mask=mask,
                            device=meta.get("device", ""),
+                           device_name=meta.get("device_name", ""),
                            warnings=list(meta.get("warnings", [])))
 
 
