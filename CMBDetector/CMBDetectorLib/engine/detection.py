@@ -100,8 +100,9 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
         prog.stage("candidate detection")
         prob = predict_volume(models.detector, channels, settings.tile_size,
                               settings.tile_overlap, progress=prog.update, cancel=prog.check)
-        labels, voxels, pmax, centres = extract_candidates(prob, settings.candidate_threshold,
-                                                           prep.mask)
+        labels, voxels, pmax, centres = extract_candidates(
+            prob, settings.candidate_threshold, prep.mask, settings.split_parameters(),
+            (settings.working_spacing_mm,) * 3)
 
         prog.stage("discrimination")
         patch = int(models.manifest.get("patch_size", 24)) if hasattr(models, "manifest") else 24

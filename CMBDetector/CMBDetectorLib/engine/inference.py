@@ -103,16 +103,23 @@ def predict_volume(net, channels: np.ndarray, tile: int = 192, overlap: float = 
     return acc / np.maximum(wsum, 1e-6)
 
 
-def extract_candidates(prob: np.ndarray, threshold: float, mask: np.ndarray | None = None):
-    """26-connected components of ``prob > threshold`` (inside ``mask``).
+def extract_candidates(prob: np.ndarray, threshold: float, mask: np.ndarray | None = None,
+                       split: dict | None = None, spacing_mm=(1.0, 1.0, 1.0)):
+    """26-connected components of ``prob > threshold`` (inside ``mask``), each split into its
+    foci when ``split`` gives the splitting parameters (:mod:`.splitting`; None = whole
+    components, as the bundled models were validated).
 
-    Returns the label map and, per component (label 1..n), its voxel count, max probability and
+    Returns the label map and, per candidate (label 1..n), its voxel count, max probability and
     probability-weighted centroid ``(k, j, i)``.
     """
     binary = prob > threshold
     if mask is not None:
         binary &= mask
     labels, n = ndi.label(binary, STRUCTURE_26)
+    if split is not None and n:
+        from .splitting import split_candidates
+
+        labels, n = split_candidates(prob, labels, n, spacing_mm, **split)
     if n == 0:
         return labels.astype(np.int32), np.zeros(0), np.zeros(0), np.zeros((0, 3))
     idx = np.arange(1, n + 1)

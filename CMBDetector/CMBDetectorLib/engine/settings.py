@@ -24,6 +24,15 @@ class DetectionSettings:
     #: Detector probability that makes a voxel part of a candidate (low: the detector is tuned
     #: for sensitivity; the student removes false positives).
     candidate_threshold: float = 0.3
+    #: One candidate per focus: split thresholded components at separate probability peaks
+    #: (``split_prob_h`` above the saddle) or round lobes (``split_shape_h_mm`` of distance to
+    #: the border above the neck), peaks at least ``split_min_separation_mm`` apart
+    #: (:mod:`~CMBDetectorLib.engine.splitting`). Off for the bundled models (validated on whole
+    #: components); a bundle trained with it sets it in its manifest.
+    split_candidates: bool = False
+    split_prob_h: float = 0.15
+    split_shape_h_mm: float = 1.0
+    split_min_separation_mm: float = 3.0
     #: Isotropic spacing (mm) the scan is resampled to for the networks.
     working_spacing_mm: float = 1.0
     #: Automatic brain mask of GRE/SWI: grey-scale closing (mm) of the image before its
@@ -57,6 +66,13 @@ class DetectionSettings:
     #: Average the student over each patch's eight mirror images (the bundled operating point
     #: was chosen with it on).
     mirrored_scoring: bool = True
+
+    def split_parameters(self) -> dict | None:
+        """The candidate-splitting keyword arguments, or None when splitting is off."""
+        if not self.split_candidates:
+            return None
+        return {"prob_h": self.split_prob_h, "shape_h_mm": self.split_shape_h_mm,
+                "min_separation_mm": self.split_min_separation_mm}
 
     def validate(self) -> "DetectionSettings":
         if not 0.0 <= self.threshold <= 1.0:

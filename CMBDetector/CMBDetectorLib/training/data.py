@@ -193,8 +193,9 @@ def candidate_table(case: Case, detector, settings: DetectionSettings):
     """
     channels = np.stack([case.image, case.frst])
     prob = predict_volume(detector, channels, settings.tile_size, settings.tile_overlap)
-    labels, voxels, pmax, centres = extract_candidates(prob, settings.candidate_threshold,
-                                                       case.mask)
+    labels, voxels, pmax, centres = extract_candidates(
+        prob, settings.candidate_threshold, case.mask, settings.split_parameters(),
+        tuple(case.spacing_kji))
     n = len(centres)
     spacing = case.spacing_kji[::-1]  # (i, j, k), as shape_features and edge_distance take
     vol, elong = shape_features(labels, n, spacing)
