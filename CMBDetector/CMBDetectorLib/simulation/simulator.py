@@ -133,6 +133,14 @@ class SimulationConfig:
     qsm_scale: float | str = 1.0  # multiplies the QSM (ppm scale of the reconstruction)
     qsm_offset_ppm: float | str = 0.0  # added inside the brain (reference region)
     # --- lesion prior (issue 25): fields below this line, above def block ---
+    #: Random CMB size (lesions.py): "legacy" (log-normal chi*V, the default), "real" (visible
+    #: diameter log-normal like the real datasets, tail to 10 mm) or "training" (a fifth drawn
+    #: 5-10 mm so large CMBs are learnt). Non-legacy options draw from lesions.lesion_rng.
+    cmb_size_prior: str = "legacy"
+    cmb_shape: str = "ellipsoid"  # "ellipsoid" | "irregular" (2-3 lobes) | "random" (half each)
+    cmb_cluster_prob: float = 0.0  # chance that a random CMB seeds a cluster of 2-5 (5-15 mm)
+    cmb_touch_prob: float = 0.0  # share of random CMBs moved to touch a vein or the cortex
+    calc_size_prior: str = "legacy"  # calcifications: "legacy" or a visible-diameter prior
 
     def block(self, stage: str) -> SimpleNamespace:
         """The fields ``stage`` may read (STAGE_FIELDS plus STAGE_BORROWS) as a namespace;
@@ -158,8 +166,9 @@ STAGE_FIELDS = {
     "field": (),
     "signal": ("fine_mm", "gre_weighting"),
     "cmbs": ("n_cmbs", "cmb_specs", "cmb_radius_mm", "cmb_chi_ppm", "cmb_dark_context",
-             "min_visible_diameter_mm"),
-    "calcifications": ("calcifications", "calc_specs"),
+             "min_visible_diameter_mm", "cmb_size_prior", "cmb_shape", "cmb_cluster_prob",
+             "cmb_touch_prob"),
+    "calcifications": ("calcifications", "calc_specs", "calc_size_prior"),
     "labels": (),
     "acquisition": ("noise", "bias", "scale", "gfactor", "bias_strength", "gibbs", "ghosting",
                     "texture"),
@@ -1015,13 +1024,20 @@ def _inside_fov(st: SimState, p, margin=2.0) -> bool:
     return np.all(ijk >= margin / st.spacing) and np.all(ijk <= st.shape - 1 - margin / st.spacing)
 
 
-def _footprint(st: SimState, centre_ras, radius, chi, rho, rot_axes):
+def _footprint(st: SimState, centre_ras, radius, chi, rho, rot_axes, lobes=None):
     """A compact source's signal factor, inside fraction and labelled footprint on T, and how
-    many footprint voxels are really attenuated (the centre voxel is labelled anyway)."""
+    many footprint voxels are really attenuated (the centre voxel is labelled anyway).
+    ``lobes``: a lobulated source (lesions.compound_factor) instead of the ellipsoid."""
     from scipy import ndimage as ndi
 
-    res = _sphere_factor(st.T, np.asarray(centre_ras, float), radius, rot_axes, chi,
-                         st.phase_per_ppm, st.b0_dir, rho, st.fine_mm)
+    if lobes is not None:
+        from .lesions import compound_factor
+
+        res = compound_factor(st.T, np.asarray(centre_ras, float), radius, lobes, chi,
+                              st.phase_per_ppm, st.b0_dir, rho, st.fine_mm)
+    else:
+        res = _sphere_factor(st.T, np.asarray(centre_ras, float), radius, rot_axes, chi,
+                             st.phase_per_ppm, st.b0_dir, rho, st.fine_mm)
     if res is None:
         return None
     slb, fac, frac, _ = res
@@ -1121,12 +1137,17 @@ def _add_cmb(st: SimState, s: dict, fp) -> None:
                         axes_mm=[round(float(v), 3) for v in np.linalg.norm(s["axes"], axis=0)],
                         category=cat, region=reg, n_label_voxels=int(foot.sum()),
                         visible_diameter_mm=round(_visible_diameter(st, fp), 3)))
+    from .lesions import truth_fields
+
+    st.cmbs[-1].update(truth_fields(st, s, fp, st.cmbs[-1]["visible_diameter_mm"]))
 
 
 def stage_cmbs(st: SimState, c) -> None:
     """CMBs (explicit or random) multiplied into the signal on a fine sub-grid, so blooming
     comes from intravoxel dephasing; each labelled by its visible GRE footprint. Keeps the
     lesion-free signal (``sig_free``) for the SWI footprints."""
+    from . import lesions
+
     if c.cmb_specs:
         specs = []
         for s in c.cmb_specs:
@@ -1137,11 +1158,18 @@ def stage_cmbs(st: SimState, c) -> None:
                               axes=np.eye(3) * float(s.get("radius_mm", 1.0))))
     else:
         specs = _random_cmb_specs(st, c)
+        if lesions.active(c):  # size prior, shape, touching, clusters (own random stream)
+            specs = lesions.prepare_cmbs(st, c, specs)
     min_d = float(c.min_visible_diameter_mm)
     st.params["min_visible_diameter_mm"] = c.min_visible_diameter_mm
     # the same signal without the CMBs, to measure what each CMB changes on SWI
     st.sig_free = st.sig.copy() if specs else None
     for s in specs:
+        if "unit_lobes" in s:  # prepared by lesions.prepare_cmbs: radius fitted to its target
+            fp = lesions.cmb_footprint(st, s, [q["centre_ras"] for q in specs if q is not s])
+            if fp is not None and _visible_diameter(st, fp) >= min_d:
+                _add_cmb(st, s, fp)
+            continue
         fp = _footprint(st, s["centre_ras"], s["radius"], s["chi"], 0.03 + 0j, s["axes"])
         if fp is None:
             continue
@@ -1187,10 +1215,20 @@ def stage_calcifications(st: SimState, c) -> None:
         calcs = _calcification_sites(st)
     else:
         calcs = []
+    from . import lesions
+
+    lesions._check(c.calc_size_prior)
+    sized = c.calc_size_prior != "legacy" and not c.calc_specs
+    lrng = lesions.lesion_rng(st.seed, 1) if sized else None
     for cr, rad, chi, site in calcs:
         if not _inside_fov(st, cr, 0.0):
             continue
-        fp = _footprint(st, cr, rad, chi, 0.15 + 0j, _random_ellipsoid(st.rng, rad, 1.2))
+        axes = _random_ellipsoid(st.rng, rad, 1.2)
+        if sized:  # visible diameter from the CMBs' prior: mimics over the same size range
+            fp, rad, target = lesions.fit_calcification(st, lrng, cr, rad, chi, axes,
+                                                        c.calc_size_prior)
+        else:
+            fp = _footprint(st, cr, rad, chi, 0.15 + 0j, axes)
         if fp is None:
             continue
         slb, fac, frac, foot, _ = fp
@@ -1204,7 +1242,10 @@ def stage_calcifications(st: SimState, c) -> None:
         sub[foot & (sub == 0)] = vid
         st.mimics.append(dict(id=vid, type="calcification", subtype=site,
                               centre_ras=[float(v) for v in cr], radius_mm=round(rad, 4),
-                              chi_ppm=round(float(chi), 4)))
+                              chi_ppm=round(float(chi), 4),
+                              visible_diameter_mm=round(_visible_diameter(st, fp), 3)))
+        if sized:
+            st.mimics[-1]["target_visible_diameter_mm"] = round(target, 3)
 
 
 def stage_labels(st: SimState, c) -> None:
