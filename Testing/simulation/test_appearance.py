@@ -297,3 +297,17 @@ def test_random_draws_differ_between_seeds_and_name_a_known_variant():
     assert len(seen["swi"]) >= 4
     with pytest.raises(ValueError):
         ap.draw_gre_weighting("flash", 3.0, ap.family_rng(0, "gre_weighting"))
+
+
+def test_random_appearance_keeps_the_frozen_stream():
+    """The frozen draws of test_simulation_stages.test_random_stream_order_is_frozen hold with
+    every appearance knob random: appearance never draws from the main stream."""
+    from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
+
+    s = simulate_subject(7, SimulationConfig(roi_mm=30.0, n_cmbs=2, **ap.RANDOM_APPEARANCE))
+    p = s.truth["params"]
+    assert (p["TE_ms"], p["B0_T"], p["snr"]) == (30.627, 3.0, 35.51)
+    got = [(np.round(c["centre_ras"], 1).tolist(), c["chi_ppm"], c["radius_mm"])
+           for c in s.truth["cmbs"]]
+    assert got == [([-25.0, -56.4, -0.4], 0.4516, 2.1455), ([-14.7, -65.0, -3.4], 0.5225, 1.2353)]
+    assert [m["type"] for m in s.truth["mimics"]] == ["vein"] * 6
