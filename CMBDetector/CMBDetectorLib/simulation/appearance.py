@@ -170,13 +170,15 @@ def gibbs_truncate(arr, fraction: float, axes=(0, 1)):
     grid): the acquired resolution is lower than the reconstructed one, so edges ring."""
     if fraction <= 0:
         return arr
-    spec = np.fft.fftn(arr, axes=axes)
+    import scipy.fft as sfft
+
+    spec = sfft.fftn(arr, axes=axes, workers=2)
     for a in axes:
         n = arr.shape[a]
         k = np.abs(np.fft.fftfreq(n))  # cycles per voxel, 0..0.5
         keep = (k <= 0.5 * (1.0 - fraction)).astype(np.float32)
         spec *= keep.reshape([-1 if q == a else 1 for q in range(arr.ndim)])
-    out = np.fft.ifftn(spec, axes=axes)
+    out = sfft.ifftn(spec, axes=axes, workers=2)
     return out.astype(arr.dtype) if np.iscomplexobj(arr) else out.real.astype(arr.dtype)
 
 
@@ -269,12 +271,14 @@ def hann_lowpass(sig, spacing, width_mm: float, axes=(0, 1)):
     """In-plane k-space Hann low-pass (vendor-style 2D homodyne): cos^2 window reaching zero at
     k_c = 0.44 / width_mm cycles/mm, so its spread matches a Gaussian of sigma ``width_mm``."""
     kc = 0.44 / float(width_mm)
-    spec = np.fft.fftn(sig, axes=axes)
+    import scipy.fft as sfft
+
+    spec = sfft.fftn(sig, axes=axes, workers=2)
     for a in axes:
         k = np.abs(np.fft.fftfreq(sig.shape[a], d=float(spacing[a])))
         win = np.where(k < kc, np.cos(np.pi * k / (2 * kc)) ** 2, 0.0).astype(np.float32)
         spec *= win.reshape([-1 if q == a else 1 for q in range(sig.ndim)])
-    return np.fft.ifftn(spec, axes=axes).astype(np.complex64)
+    return sfft.ifftn(spec, axes=axes, workers=2).astype(np.complex64)
 
 
 def phase_mask(phase, kind: str = "negative"):
@@ -332,11 +336,13 @@ def draw_qsm(knobs: dict, rngs) -> dict:
     return out
 
 
-def dipole_kernel(shape, spacing, b_dir):
-    """D(k) = 1/3 - (k.b)^2/|k|^2 on the full FFT grid (D(0) = 0); ``b_dir`` in the grid's
-    (i, j, k) frame."""
+def dipole_kernel(shape, spacing, b_dir, half: bool = False):
+    """D(k) = 1/3 - (k.b)^2/|k|^2 on the FFT grid (D(0) = 0), the last axis halved for a real
+    FFT when ``half``; ``b_dir`` in the grid's (i, j, k) frame."""
     b = np.asarray(b_dir, float) / np.linalg.norm(b_dir)
     k = [np.fft.fftfreq(n, d=float(s)) for n, s in zip(shape, spacing)]
+    if half:
+        k[2] = np.fft.rfftfreq(shape[2], d=float(spacing[2]))
     kx, ky, kz = k[0][:, None, None], k[1][None, :, None], k[2][None, None, :]
     k2 = kx * kx + ky * ky + kz * kz
     kb = kx * b[0] + ky * b[1] + kz * b[2]
@@ -347,14 +353,27 @@ def dipole_kernel(shape, spacing, b_dir):
 
 
 def _padded(arr, pad):
-    return np.pad(arr, [(pad, pad)] * 3), tuple(slice(pad, pad + n) for n in arr.shape)
+    import scipy.fft as sfft
+
+    shape = [sfft.next_fast_len(n + 2 * pad, real=True) for n in arr.shape]
+    out = np.zeros(shape, np.float64)
+    sl = tuple(slice(pad, pad + n) for n in arr.shape)
+    out[sl] = arr
+    return out, sl
+
+
+def _kspace(x, spacing, b_dir, apply):
+    """real FFT of ``x``, ``apply(spectrum, D)``, inverse real FFT."""
+    import scipy.fft as sfft
+
+    d = dipole_kernel(x.shape, spacing, b_dir, half=True)
+    return sfft.irfftn(apply(sfft.rfftn(x, workers=2), d), s=x.shape, workers=2)
 
 
 def forward_field(chi, spacing, b_dir, pad: int = 16):
     """Field dB/B0 (ppm) of ``chi`` (ppm) by zero-padded k-space dipole convolution."""
     x, sl = _padded(np.asarray(chi, np.float64), pad)
-    d = dipole_kernel(x.shape, spacing, b_dir)
-    return np.fft.ifftn(np.fft.fftn(x) * d).real[sl].astype(np.float32)
+    return _kspace(x, spacing, b_dir, lambda f, d: f * d)[sl].astype(np.float32)
 
 
 def tkd(field, spacing, b_dir, threshold: float = 0.15, pad: int = 16):
@@ -362,17 +381,18 @@ def tkd(field, spacing, b_dir, threshold: float = 0.15, pad: int = 16):
     with D's sign. The truncated cone around the magic angle leaves streaks through strong
     sources and underestimates chi a little."""
     x, sl = _padded(np.asarray(field, np.float64), pad)
-    d = dipole_kernel(x.shape, spacing, b_dir)
-    dt = np.where(np.abs(d) < threshold, np.where(d < 0, -threshold, threshold), d)
-    return np.fft.ifftn(np.fft.fftn(x) / dt).real[sl].astype(np.float32)
+
+    def divide(f, d):
+        return f / np.where(np.abs(d) < threshold, np.where(d < 0, -threshold, threshold), d)
+
+    return _kspace(x, spacing, b_dir, divide)[sl].astype(np.float32)
 
 
 def tikhonov(field, spacing, b_dir, lam: float = 0.05, pad: int = 16):
     """Closed-form Tikhonov inversion chi = IFFT(D FFT(field) / (D^2 + lambda)): smooth, no
     streaks, chi underestimated (more so for larger lambda)."""
     x, sl = _padded(np.asarray(field, np.float64), pad)
-    d = dipole_kernel(x.shape, spacing, b_dir)
-    return np.fft.ifftn(np.fft.fftn(x) * d / (d * d + lam)).real[sl].astype(np.float32)
+    return _kspace(x, spacing, b_dir, lambda f, d: f * d / (d * d + lam))[sl].astype(np.float32)
 
 
 def background_residue(shape, amplitude: float, rng):
