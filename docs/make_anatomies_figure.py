@@ -11,11 +11,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from CMBDetectorLib.simulation.anatomies import available_anatomies, load_anatomy  # noqa: E402
-from CMBDetectorLib.simulation.anatomy import load_template, template_dir  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from CMBDetectorLib.simulation.anatomies import available_anatomies, load_anatomy
+from CMBDetectorLib.simulation.anatomy import load_template, template_dir
 
 Z_MNI = 8.0  # axial slice through the basal ganglia and thalami (MNI mm)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from CMBDetectorLib.simulation import anatomies
 from CMBDetectorLib.simulation.anatomy import NUCLEI, load_template
 from CMBDetectorLib.simulation.simulator import SimulationConfig, run_stages, simulate_subject

@@ -166,13 +166,16 @@ def load_anatomy(name: str) -> Anatomy:
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache file is rebuilt
     anat = build_anatomy(src)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    _to_npz(anat, tmp)
-    os.replace(tmp, path)
-    for old in path.parent.glob(f"{name}-*.npz"):  # builds of other versions
-        if old != path and not old.name.endswith(".tmp.npz"):
-            old.unlink(missing_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _to_npz(anat, tmp)
+        os.replace(tmp, path)  # atomic: parallel workers may build the same anatomy
+        for old in path.parent.glob(f"{name}-*.npz"):  # builds of other versions
+            if old != path and not old.name.endswith(".tmp.npz"):
+                old.unlink(missing_ok=True)
+    except OSError:  # a read-only cache only costs the next process a rebuild
+        tmp.unlink(missing_ok=True)
     return anat
 
 
