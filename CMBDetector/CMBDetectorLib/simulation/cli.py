@@ -38,6 +38,10 @@ def configure_parser(parser) -> None:
                         help="skip label maps and brain mask (truth JSON is always written)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="parallel worker processes (default 1)")
+    parser.add_argument("--split", choices=("train", "validation", "test", "cross_domain"),
+                        help="draw each subject's anatomy, processing and lesions for this split "
+                        "(simulation/domains.py; --seed then counts from the split's first "
+                        "seed); cross_domain = the held-out anatomy and processing families")
     parser.add_argument("--demo", action="store_true",
                         help="regenerate the bundled demo scan (into --out if given)")
 
@@ -60,6 +64,26 @@ def _one(job):
     sub = simulate_subject(seed, cfg)
     write_subject(sub, out, f"sub-{seed:05d}", modalities=mods, labels=labels)
     return seed, len(sub.truth["cmbs"]), sub.timings.get("total", 0.0)
+
+
+def _split_jobs(split: str, n: int, start: int, cfg, out: Path, mods, labels) -> list:
+    """One job per subject of ``split`` with its drawn domain; the domains go to
+    ``domains.json`` beside the subjects (what evaluation groups by)."""
+    import json
+
+    from .anatomies import available_anatomies
+    from .domains import domain_config, draw_domain, split_seeds
+
+    anatomies = available_anatomies()
+    seeds = split_seeds(split, n, start)
+    try:
+        domains = {f"sub-{s:05d}": draw_domain(s, split, anatomies) for s in seeds}
+    except ValueError as exc:
+        raise InputError(f"synth: {exc}") from None
+    path = out / "domains.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**old, **domains}, indent=1))
+    return [(s, domain_config(s, split, cfg, anatomies), out, mods, labels) for s in seeds]
 
 
 def run_command(args) -> int:
@@ -91,7 +115,10 @@ def run_command(args) -> int:
                            min_visible_diameter_mm=args.min_visible_mm)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(args.seed + i, cfg, out, mods, not args.no_labels) for i in range(args.n)]
+    if args.split:
+        jobs = _split_jobs(args.split, args.n, args.seed, cfg, out, mods, not args.no_labels)
+    else:
+        jobs = [(args.seed + i, cfg, out, mods, not args.no_labels) for i in range(args.n)]
     t0 = time.perf_counter()
     _progress(0, len(jobs), t0)
     n_total = 0
