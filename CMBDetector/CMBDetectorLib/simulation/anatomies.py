@@ -41,7 +41,7 @@ import numpy as np
 from .anatomy import NUCLEI, Template, _derive_candidates, load_template, template_dir
 
 #: bump when the derivation changes: cached files of another version are rebuilt
-ALGORITHM_VERSION = "3"
+ALGORITHM_VERSION = "4"
 REG_MM = 2.0  # registration grid spacing
 BSPLINE_MESH_MM = 30.0  # B-spline control-point spacing
 #: a whole head in MNI space (Colin27 with its skull, Debian mricron-data): the first reference
@@ -427,6 +427,13 @@ def _largest(mask):
     return lab == (1 + int(np.argmax(sizes)))
 
 
+def _deep_box(origin, shape):
+    """Index box of the basal ganglia and thalami (MNI x -35..35, y -40..30, z -20..25 mm)."""
+    lo = np.array([-35.0, -40.0, -20.0]) - origin
+    hi = np.array([35.0, 30.0, 25.0]) - origin
+    return tuple(slice(max(0, int(a)), min(n, int(b))) for a, b, n in zip(lo, hi, shape))
+
+
 def _mask_img(mask, affine, ref):
     import SimpleITK as sitk
 
@@ -504,6 +511,16 @@ def build_anatomy(src: AnatomySource) -> Anatomy:
     t0 = time.perf_counter()
     coords = _coords(_bspline(a_r, amask_r, mni_r), a_r, shape)
     tm["bspline_s"] = time.perf_counter() - t0
+    # Guard: the B-spline must bring MNI's deep structures closer to this T1 than the affine
+    # alone (on ROBEX's noisy subject it did not); otherwise the affine alone places them.
+    deep = _deep_box(mni.origin, shape)
+    warped = ndi.map_coordinates(mni_t1, coords[(slice(None),) + deep], order=1,
+                                 prefilter=False)
+    r_bs = float(np.corrcoef(warped.ravel(), t1[deep].ravel())[0, 1])
+    r_aff = float(np.corrcoef(mni_t1[deep].ravel(), t1[deep].ravel())[0, 1])
+    use_bs = r_bs >= r_aff
+    if not use_bs:
+        coords = np.indices(shape, dtype=np.float32)
 
     def warp(arr_mni, order=1):
         return ndi.map_coordinates(arr_mni, coords, order=order, mode="constant", cval=0.0,
@@ -538,6 +555,7 @@ def build_anatomy(src: AnatomySource) -> Anatomy:
         tissue_fraction={k: round(float(v.sum()) / n_brain, 3)
                          for k, v in (("gm", gm), ("wm", wm), ("csf", csf))},
         gmm_means=[round(float(v), 3) for v in mu], gmm_sd=[round(float(v), 3) for v in sd],
+        deep_corr_bspline=round(r_bs, 3), deep_corr_affine=round(r_aff, 3), bspline_used=use_bs,
         **{k: round(v, 1) for k, v in tm.items()},
         build_s=round(time.perf_counter() - t_start, 1))
     return anat
