@@ -61,3 +61,17 @@ def test_synth_writes_a_split_with_its_domains(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         main(["synth", "--split", "nonsense", "--out", str(tmp_path)])
     assert main(["synth", "--split", "cross_domain", "--n", "1", "--out", str(tmp_path)]) != 0
+
+
+def test_truth_records_the_drawn_domain_only_when_not_default():
+    from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
+
+    plain = simulate_subject(11, SimulationConfig(roi_mm=40.0, n_cmbs=1))
+    assert "anatomy" not in plain.truth["params"] and "appearance" not in plain.truth["params"]
+    dom = D.domain_config(D.split_seeds("train", 1)[0], "train", SimulationConfig(roi_mm=40.0),
+                          anatomies=[])
+    sub = simulate_subject(11, dom)
+    app = sub.truth["params"]["appearance"]
+    assert app["gre_weighting"]["variant"] == dom.gre_weighting
+    assert app["swi"]["filter"] == dom.swi_filter
+    json.dumps(sub.truth)  # plain JSON

@@ -1436,6 +1436,17 @@ def stage_qsm(st: SimState, c) -> None:
     st.qsm = (qsm * ndi.binary_erosion(st.brain_t > 0.5, iterations=1)).astype(np.float32)
 
 
+def _jsonable(value):
+    """Plain JSON types (numpy scalars and arrays, tuples) for truth.json."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def stage_truth(st: SimState, c) -> None:
     """Truth JSON and the :class:`SimulatedSubject` (volumes on T)."""
     rec, T = st.params, st.T
@@ -1450,6 +1461,11 @@ def stage_truth(st: SimState, c) -> None:
                   cmb_label="visible GRE footprint (>=40% attenuation) + centre voxel",
                   min_visible_diameter_mm=rec["min_visible_diameter_mm"],
                   simulator="CMBDetectorLib.simulation v1")
+    # the drawn domain (only when it is not the default, so default subjects keep their truth)
+    if rec.get("anatomy", "mni152") != "mni152":
+        params["anatomy"] = rec["anatomy"]
+    if rec.get("appearance"):
+        params["appearance"] = _jsonable(rec["appearance"])
     truth = dict(cmbs=st.cmbs, mimics=st.mimics, params=params)
     images = {"gre": T.volume(st.gre, "gre"), "swi": T.volume(st.swi, "swi"),
               "qsm": T.volume(st.qsm, "qsm")}
