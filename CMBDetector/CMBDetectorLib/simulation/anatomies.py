@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import NUCLEI, Template, _derive_candidates, load_template, template_dir
+from .anatomy import (NUCLEI, Template, _derive_candidates, hull_distance, load_template,
+                      template_dir)
 
 #: bump when the derivation changes: cached files of another version are rebuilt
 ALGORITHM_VERSION = "4"
@@ -569,16 +570,7 @@ def _finish(name, origin, gm, wm, brain, nuclei_warped, sinus_warped) -> Anatomy
     brain_f = brain.astype(np.float32)
     gm = (gm * brain_f).astype(np.float32)
     wm = (wm * brain_f).astype(np.float32)
-    small = brain[::2, ::2, ::2]
-    hull_s = ndi.binary_closing(np.pad(small, 6), ndi.generate_binary_structure(3, 1),
-                                iterations=5)[6:-6, 6:-6, 6:-6]
-    hull_s = ndi.binary_fill_holes(hull_s)
-    d_s = ndi.distance_transform_edt(~hull_s) * 2.0 - ndi.distance_transform_edt(hull_s) * 2.0
-    d_out = ndi.zoom(d_s.astype(np.float32), np.array(shape) / np.array(small.shape), order=1)
-    d_out = d_out[: shape[0], : shape[1], : shape[2]]
-    if d_out.shape != shape:
-        d_out = np.pad(d_out, [(0, s - t) for s, t in zip(shape, d_out.shape)], mode="edge")
-    d_out = np.where(brain, np.minimum(d_out, 0.0), np.maximum(d_out, 0.0)).astype(np.float32)
+    d_out = hull_distance(brain, ndi)
     sinus = (sinus_warped * (~ndi.binary_dilation(brain, iterations=2))).astype(np.float32)
     # nuclei: the warped MNI labels, gated by this brain's own tissue as for MNI152
     nuclei = np.zeros(shape, np.uint8)

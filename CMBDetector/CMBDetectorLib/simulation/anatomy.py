@@ -155,17 +155,7 @@ def load_template() -> Template:
     gm *= scale * brain_f
     wm *= scale * brain_f
     shape = t1.shape
-    # Closed hull (brain + outer sulci) -> distance outside it for CSF rim / skull / scalp.
-    small = brain[::2, ::2, ::2]
-    hull_s = ndi.binary_closing(np.pad(small, 6), ndi.generate_binary_structure(3, 1),
-                                iterations=5)[6:-6, 6:-6, 6:-6]
-    hull_s = ndi.binary_fill_holes(hull_s)
-    d_s = ndi.distance_transform_edt(~hull_s) * 2.0 - ndi.distance_transform_edt(hull_s) * 2.0
-    d_out = ndi.zoom(d_s.astype(np.float32), np.array(shape) / np.array(small.shape), order=1)
-    d_out = d_out[: shape[0], : shape[1], : shape[2]]
-    if d_out.shape != shape:
-        d_out = np.pad(d_out, [(0, s - t) for s, t in zip(shape, d_out.shape)], mode="edge")
-    d_out = np.where(brain, np.minimum(d_out, 0.0), np.maximum(d_out, 0.0)).astype(np.float32)
+    d_out = hull_distance(brain, ndi)
     sinus = np.zeros(shape, bool)
     for c, ax in SINUSES.values():
         sinus |= _ellipsoid(shape, origin, c, ax)
@@ -187,6 +177,22 @@ def load_template() -> Template:
         for (lab, *_r) in NUCLEI.values()])
     _derive_candidates(tpl, brain, ndi)
     return tpl
+
+
+def hull_distance(brain: np.ndarray, ndi) -> np.ndarray:
+    """Signed distance (mm on the 1 mm template grid) to the closed hull of the brain (brain +
+    outer sulci): positive outside (CSF rim, skull, scalp), negative inside."""
+    shape = brain.shape
+    small = brain[::2, ::2, ::2]
+    hull_s = ndi.binary_closing(np.pad(small, 6), ndi.generate_binary_structure(3, 1),
+                                iterations=5)[6:-6, 6:-6, 6:-6]
+    hull_s = ndi.binary_fill_holes(hull_s)
+    d_s = ndi.distance_transform_edt(~hull_s) * 2.0 - ndi.distance_transform_edt(hull_s) * 2.0
+    d_out = ndi.zoom(d_s.astype(np.float32), np.array(shape) / np.array(small.shape), order=1)
+    d_out = d_out[: shape[0], : shape[1], : shape[2]]
+    if d_out.shape != shape:
+        d_out = np.pad(d_out, [(0, s - t) for s, t in zip(shape, d_out.shape)], mode="edge")
+    return np.where(brain, np.minimum(d_out, 0.0), np.maximum(d_out, 0.0)).astype(np.float32)
 
 
 def _derive_candidates(tpl: Template, brain, ndi) -> None:

@@ -187,29 +187,15 @@ def compound_factor(grid, centre, radius, lobes, chi, phase_per_ppm, b0_ras, rho
     pole = abs(phase_per_ppm * chi) * 2.0 / 3.0
     reach = a * max(1.0, (pole / 0.15) ** (1.0 / 3.0)) + max(ext - a, 0.0)
     reach = min(max(reach, ext + 2.0 * grid.spacing.max()), 40.0)
-    c = grid.to_ijk(np.asarray(centre, float)[None])[0]
-    half = reach / grid.spacing
-    lo = np.maximum(np.floor(c - half).astype(int), 0)
-    hi = np.minimum(np.ceil(c + half).astype(int) + 1, grid.shape)
-    if np.any(hi <= lo):
-        return None
-    nvox = int(np.prod(hi - lo))
+    from .simulator import _subvoxel_box
+
     a_min = min(np.cbrt(v * 3.0 / (4.0 * np.pi)) for v in vols)
-    fmm = min(max(fine_mm, 0.05), 0.5)
-    fmm = min(fmm, max(a_min / 2.0, 0.1)) if a_min < 2 * fmm else fmm
-    n = np.maximum(1, np.ceil(grid.spacing / fmm).astype(int))
-    while nvox * np.prod(n) > 4e6 and np.any(grid.spacing / n < 0.5):
-        n = np.maximum(1, np.ceil(grid.spacing / np.minimum(grid.spacing / n * 1.4, 0.5))
-                       .astype(int))
-    ax = []
-    for d in range(3):
-        sub = (np.arange(n[d]) + 0.5) / n[d] - 0.5
-        ax.append((np.arange(lo[d], hi[d])[:, None] + sub[None]).ravel() - c[d])
-    m = grid.direction * grid.spacing
+    box = _subvoxel_box(grid, grid.to_ijk(np.asarray(centre, float)[None])[0], reach, fine_mm,
+                        a_min)
+    if box is None:
+        return None
+    lo, hi, n, shp, p = box
     b = np.asarray(b0_ras, float) / np.linalg.norm(b0_ras)
-    shp = (len(ax[0]), len(ax[1]), len(ax[2]))
-    p = [(ax[0][:, None, None] * m[r, 0] + ax[1][None, :, None] * m[r, 1]
-          + ax[2][None, None, :] * m[r, 2]).astype(np.float32) for r in range(3)]
     dB = np.zeros(shp, np.float32)
     inside = np.zeros(shp, bool)
     for (off, axes), w, v in zip(lobes, share, vols):

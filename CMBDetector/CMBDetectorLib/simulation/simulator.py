@@ -559,17 +559,10 @@ def _dipole_field(chi, grid: _Grid, b0_ras, pad_vox=16):
     return np.ascontiguousarray(field, dtype=np.float32)
 
 
-def _sphere_factor(grid: _Grid, centre, radius, axes_rot, chi, phase_per_ppm, b0_ras, rho_in,
-                   fine_mm):
-    """Complex signal factor and inside fraction of one compact source on its local box.
-
-    Returns (slices, factor, inside_frac) or None if the box misses the grid.
-    """
-    a = float(radius)
-    pole = abs(phase_per_ppm * chi) * 2.0 / 3.0
-    reach = a * max(1.0, (pole / 0.15) ** (1.0 / 3.0))
-    reach = min(max(reach, a + 2.0 * grid.spacing.max()), 40.0)
-    c = grid.to_ijk(centre[None])[0]
+def _subvoxel_box(grid: _Grid, c, reach: float, fine_mm: float, a: float):
+    """The voxel box within ``reach`` mm of ``c`` (grid ijk), sub-sampled finely enough for a
+    source of radius ``a`` (at most 4 M points): ``(lo, hi, n, shape, p)`` with ``p`` the RAS
+    offsets from the centre, separable in the three axes; None when the box misses the grid."""
     half = reach / grid.spacing
     lo = np.maximum(np.floor(c - half).astype(int), 0)
     hi = np.minimum(np.ceil(c + half).astype(int) + 1, grid.shape)
@@ -587,11 +580,27 @@ def _sphere_factor(grid: _Grid, centre, radius, axes_rot, chi, phase_per_ppm, b0
         sub = (np.arange(n[d]) + 0.5) / n[d] - 0.5
         ax.append((np.arange(lo[d], hi[d])[:, None] + sub[None]).ravel() - c[d])
     m = grid.direction * grid.spacing
-    b = np.asarray(b0_ras, float) / np.linalg.norm(b0_ras)
     shp = (len(ax[0]), len(ax[1]), len(ax[2]))
-    # RAS offsets from the centre, separable in the three axes
     p = [(ax[0][:, None, None] * m[r, 0] + ax[1][None, :, None] * m[r, 1]
           + ax[2][None, None, :] * m[r, 2]).astype(np.float32) for r in range(3)]
+    return lo, hi, n, shp, p
+
+
+def _sphere_factor(grid: _Grid, centre, radius, axes_rot, chi, phase_per_ppm, b0_ras, rho_in,
+                   fine_mm):
+    """Complex signal factor and inside fraction of one compact source on its local box.
+
+    Returns (slices, factor, inside_frac) or None if the box misses the grid.
+    """
+    a = float(radius)
+    pole = abs(phase_per_ppm * chi) * 2.0 / 3.0
+    reach = a * max(1.0, (pole / 0.15) ** (1.0 / 3.0))
+    reach = min(max(reach, a + 2.0 * grid.spacing.max()), 40.0)
+    box = _subvoxel_box(grid, grid.to_ijk(centre[None])[0], reach, fine_mm, a)
+    if box is None:
+        return None
+    lo, hi, n, shp, p = box
+    b = np.asarray(b0_ras, float) / np.linalg.norm(b0_ras)
     r2 = p[0] ** 2 + p[1] ** 2 + p[2] ** 2
     pb = p[0] * b[0] + p[1] * b[1] + p[2] * b[2]
     # ellipsoid test in the source frame (axes_rot columns = semi-axis directions * lengths)
