@@ -50,8 +50,11 @@ def test_nrrd_and_mha(tmp_path):
 
 
 def test_dicom_series_folder(tmp_path):
+    import locale
+
     import SimpleITK as sitk
 
+    saved = locale.setlocale(locale.LC_ALL)
     arr = (np.random.default_rng(1).random((6, 16, 16)) * 1000).astype(np.int16)
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((0.8, 0.8, 2.0))
@@ -68,7 +71,11 @@ def test_dicom_series_folder(tmp_path):
             sl.SetMetaData(tag, val)
         writer.SetFileName(str(folder / f"{z:03d}.dcm"))
         writer.Execute(sl)
+    locale.setlocale(locale.LC_ALL, saved)  # GDCM's writer may change it too (the test's)
     v = read_volume(folder)
+    # GDCM's reader leaves the locale at "C" (ASCII text files from then on): read_volume
+    # restores it
+    assert locale.setlocale(locale.LC_ALL) == saved
     assert v.array.shape == (6, 16, 16)
     np.testing.assert_allclose(v.spacing, [0.8, 0.8, 2.0], atol=1e-3)
     assert v.metadata.get("SeriesDescription") == "SWI_Images"

@@ -7,6 +7,8 @@ the engine carries one convention only: ``array`` is indexed ``[k, j, i]`` (as S
 """
 from __future__ import annotations
 
+import contextlib
+import locale
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +112,24 @@ class Volume:
         return cls(sitk.GetArrayFromImage(img), LPS_TO_RAS @ lps, name)
 
 
+@contextlib.contextmanager
+def _locale_kept():
+    """GDCM (SimpleITK's DICOM reader) leaves the process locale at "C": every later text file
+    opened without an encoding would then be ASCII (seen: the report test after a DICOM read).
+    Restore whatever the process had."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def _dicom_series(folder: Path):
+    with _locale_kept():
+        return _read_dicom_series(folder)
+
+
+def _read_dicom_series(folder: Path):
     import SimpleITK as sitk
 
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))

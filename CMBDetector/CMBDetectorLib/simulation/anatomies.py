@@ -442,6 +442,68 @@ def _mask_img(mask, affine, ref):
                                    sitk.sitkNearestNeighbor, 0), sitk.sitkUInt8)
 
 
+def _head_brain_mask(arr: np.ndarray, aff: np.ndarray) -> np.ndarray:
+    """Brain mask of a whole head shipped without one: Colin27's brain mask, carried over by a
+    head-to-head affine and B-spline with Colin27's head (an MI restricted to the skull-stripped
+    MNI brain instead blows the head up until only its brain is compared)."""
+    import SimpleITK as sitk
+    from scipy import ndimage as ndi
+
+    head = _unit(arr)
+    head_img = _to_sitk(head, aff)
+    head_r = _regrid(head_img, REG_MM)
+    ch2, ch2_aff = _read_ras(Path(HEAD_REFERENCE))
+    ch2_img = _to_sitk(_unit(ch2), ch2_aff)
+    ch2_r = _regrid(ch2_img, REG_MM)
+    a0 = _affine_mi(_head_init(head_r, ch2_r), head_r, None, ch2_r)
+    h_c = sitk.Resample(head_img, ch2_img, a0.GetInverse(), sitk.sitkLinear, 0.0,
+                        sitk.sitkFloat32)
+    bs0 = _bspline(_regrid(h_c, REG_MM), None, ch2_r)
+    bet, bet_aff = _read_ras(Path(HEAD_REFERENCE_BRAIN))
+    bet_m = ndi.binary_fill_holes(ndi.binary_closing(np.pad(bet > 0, 4), iterations=3))
+    bet_m = bet_m[4:-4, 4:-4, 4:-4].astype(np.float32)
+    return _from_sitk(sitk.Resample(_to_sitk(bet_m, bet_aff), head_img,
+                                    sitk.CompositeTransform([bs0, a0]), sitk.sitkLinear,
+                                    0.0, sitk.sitkFloat32)) > 0.5
+
+
+def _tissue_maps(t1, bmask, pg, pw, pbrain, nuclei) -> tuple:
+    """``((GM, WM, CSF) fractions, (mixture means, SDs))``: the prior-regularised mixture on
+    the T1, with the warped MNI fractions inside the deep nuclei (their T1 lies between GM and
+    WM, so the mixture calls much of them WM, as intensity-only segmentations do)."""
+    from scipy import ndimage as ndi
+
+    pc = np.clip(pbrain - pg - pw, 0, 1)
+    (gm, wm, csf), mu, sd = _segment(_unit(t1, bmask), bmask, [pg, pw, pc])
+    lam = np.clip(ndi.gaussian_filter((nuclei > 0).astype(np.float32), 1.0) * 1.5, 0, 1) * bmask
+    tot = np.maximum(pg + pw + pc, 1e-6)
+    return ((1 - lam) * gm + lam * pg / tot, (1 - lam) * wm + lam * pw / tot,
+            (1 - lam) * csf + lam * pc / tot), (mu, sd)
+
+
+def _structure_coords(t1, bmask, mni, mni_t1, grid_aff, mni_r) -> tuple:
+    """Where each MNI grid point's structures go on the aligned anatomy: a B-spline of MNI onto
+    its T1, kept only when it brings MNI's deep structures closer to this T1 than the affine
+    alone (on ROBEX's noisy subject it did not). Returns ``(coords, (r_bspline, r_affine,
+    bspline_used))``."""
+    import SimpleITK as sitk
+    from scipy import ndimage as ndi
+
+    shape = t1.shape
+    a_r = _regrid(_to_sitk(t1, grid_aff), REG_MM)
+    amask_r = sitk.BinaryDilate(_mask_img(bmask, grid_aff, a_r), [2, 2, 2])
+    coords = _coords(_bspline(a_r, amask_r, mni_r), a_r, shape)
+    deep = _deep_box(mni.origin, shape)
+    warped = ndi.map_coordinates(mni_t1, coords[(slice(None),) + deep], order=1,
+                                 prefilter=False)
+    r_bs = float(np.corrcoef(warped.ravel(), t1[deep].ravel())[0, 1])
+    r_aff = float(np.corrcoef(mni_t1[deep].ravel(), t1[deep].ravel())[0, 1])
+    use_bs = r_bs >= r_aff
+    if not use_bs:
+        coords = np.indices(shape, dtype=np.float32)
+    return coords, (r_bs, r_aff, use_bs)
+
+
 def build_anatomy(src: AnatomySource) -> Anatomy:
     """Build one anatomy from its T1 (see the module docstring); ~1 min on 2 cores."""
     import nibabel as nib
@@ -453,7 +515,6 @@ def build_anatomy(src: AnatomySource) -> Anatomy:
     mni = load_template()
     grid_aff = np.eye(4)
     grid_aff[:3, 3] = mni.origin
-    shape = mni.brain.shape
     mni_t1 = np.asarray(nib.load(str(template_dir() / "mni_icbm152_t1_tal_nlin_sym_09a_converted"
                                      ".nii.gz")).dataobj, np.float32)
     mni_img = _to_sitk(_unit(mni_t1, mni.brain > 0.5), grid_aff)
@@ -467,26 +528,8 @@ def build_anatomy(src: AnatomySource) -> Anatomy:
     elif src.skull_stripped:
         nmask = _largest(ndi.binary_fill_holes(arr > 1e-3 * float(arr.max())))
     if nmask is None:
-        # a whole head without a mask: Colin27's brain mask, carried over by a head-to-head
-        # affine and B-spline with Colin27's head (an MI restricted to the skull-stripped MNI
-        # brain instead blows the head up until only its brain is compared)
         t0 = time.perf_counter()
-        head = _unit(arr)
-        head_img = _to_sitk(head, aff)
-        head_r = _regrid(head_img, REG_MM)
-        ch2, ch2_aff = _read_ras(Path(HEAD_REFERENCE))
-        ch2_img = _to_sitk(_unit(ch2), ch2_aff)
-        ch2_r = _regrid(ch2_img, REG_MM)
-        a0 = _affine_mi(_head_init(head_r, ch2_r), head_r, None, ch2_r)
-        h_c = sitk.Resample(head_img, ch2_img, a0.GetInverse(), sitk.sitkLinear, 0.0,
-                            sitk.sitkFloat32)
-        bs0 = _bspline(_regrid(h_c, REG_MM), None, ch2_r)
-        bet, bet_aff = _read_ras(Path(HEAD_REFERENCE_BRAIN))
-        bet_m = ndi.binary_fill_holes(ndi.binary_closing(np.pad(bet > 0, 4), iterations=3))
-        bet_m = bet_m[4:-4, 4:-4, 4:-4].astype(np.float32)
-        nmask = _from_sitk(sitk.Resample(_to_sitk(bet_m, bet_aff), head_img,
-                                         sitk.CompositeTransform([bs0, a0]), sitk.sitkLinear,
-                                         0.0, sitk.sitkFloat32)) > 0.5
+        nmask = _head_brain_mask(arr, aff)
         tm["head_mask_s"] = time.perf_counter() - t0
     arr = _unit(np.where(nmask, arr, 0), nmask)
     nat = _to_sitk(arr, aff)
@@ -506,41 +549,20 @@ def build_anatomy(src: AnatomySource) -> Anatomy:
     # sulci and ventricles that the stripping zeroed belong to the brain (CSF), as in MNI152
     bmask = ndi.binary_closing(np.pad(bmask, 4), iterations=3)[4:-4, 4:-4, 4:-4]
     bmask = _largest(ndi.binary_fill_holes(bmask))
-    # B-spline of MNI onto the aligned anatomy: carries the MNI structure maps onto it
-    a_r = _regrid(_to_sitk(t1, grid_aff), REG_MM)
-    amask_r = sitk.BinaryDilate(_mask_img(bmask, grid_aff, a_r), [2, 2, 2])
     t0 = time.perf_counter()
-    coords = _coords(_bspline(a_r, amask_r, mni_r), a_r, shape)
+    coords, (r_bs, r_aff, use_bs) = _structure_coords(t1, bmask, mni, mni_t1, grid_aff, mni_r)
     tm["bspline_s"] = time.perf_counter() - t0
-    # Guard: the B-spline must bring MNI's deep structures closer to this T1 than the affine
-    # alone (on ROBEX's noisy subject it did not); otherwise the affine alone places them.
-    deep = _deep_box(mni.origin, shape)
-    warped = ndi.map_coordinates(mni_t1, coords[(slice(None),) + deep], order=1,
-                                 prefilter=False)
-    r_bs = float(np.corrcoef(warped.ravel(), t1[deep].ravel())[0, 1])
-    r_aff = float(np.corrcoef(mni_t1[deep].ravel(), t1[deep].ravel())[0, 1])
-    use_bs = r_bs >= r_aff
-    if not use_bs:
-        coords = np.indices(shape, dtype=np.float32)
 
     def warp(arr_mni, order=1):
         return ndi.map_coordinates(arr_mni, coords, order=order, mode="constant", cval=0.0,
                                    prefilter=False).astype(arr_mni.dtype)
 
     pg, pw = warp(mni.gm), warp(mni.wm)
-    pc = np.clip(warp(mni.brain) - pg - pw, 0, 1)
-    t1n = _unit(t1, bmask)
-    t0 = time.perf_counter()
-    (gm, wm, csf), mu, sd = _segment(t1n, bmask, [pg, pw, pc])
-    tm["segment_s"] = time.perf_counter() - t0
     nuclei = warp(mni.nuclei, order=0)
-    # Deep grey nuclei have T1 between GM and WM, so the mixture calls much of them WM (as
-    # intensity-only segmentations do); inside them the warped MNI fractions take over.
-    lam = np.clip(ndi.gaussian_filter((nuclei > 0).astype(np.float32), 1.0) * 1.5, 0, 1) * bmask
-    tot = np.maximum(pg + pw + pc, 1e-6)
-    gm = (1 - lam) * gm + lam * pg / tot
-    wm = (1 - lam) * wm + lam * pw / tot
-    csf = (1 - lam) * csf + lam * pc / tot
+    t0 = time.perf_counter()
+    (gm, wm, csf), (mu, sd) = _tissue_maps(t1, bmask, pg, pw, warp(mni.brain), nuclei)
+    tm["segment_s"] = time.perf_counter() - t0
+    t1n = _unit(t1, bmask)
     anat = _finish(src.name, mni.origin, gm, wm, bmask, nuclei, warp(mni.sinus))
     anat.t1 = t1n
     n_brain = float(bmask.sum())
