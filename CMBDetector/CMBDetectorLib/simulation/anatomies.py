@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import (NUCLEI, Template, _derive_candidates, hull_distance, load_template,
+from .anatomy import (NUCLEI, Template, derive_structures, hull_distance, load_template,
                       template_dir)
 
 #: bump when the derivation changes: cached files of another version are rebuilt
@@ -601,12 +601,5 @@ def _finish(name, origin, gm, wm, brain, nuclei_warped, sinus_warped) -> Anatomy
         for lbl in (lab, lab + 1):
             nuclei[(nuclei_warped == lbl) & g] = lbl
     anat = Anatomy(np.asarray(origin, float), gm, wm, brain_f, d_out, sinus, nuclei, name=name)
-    nz = np.argwhere(nuclei > 0)
-    lo, hi = nz.min(0) - 3, nz.max(0) + 4
-    crop = nuclei[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    anat.nuclei_lo = lo
-    anat.nuclei_frac = np.stack([
-        ndi.gaussian_filter(((crop == lab) | (crop == lab + 1)).astype(np.float32), 0.8)
-        for (lab, *_r) in NUCLEI.values()])
-    _derive_candidates(anat, brain, ndi)
+    derive_structures(anat, brain, ndi)
     return anat

@@ -168,15 +168,21 @@ def load_template() -> Template:
             e = _ellipsoid(shape, origin, (sgn * c[0], c[1], c[2]), ax) & g & (nuclei == 0)
             nuclei[e] = l
     tpl = Template(origin, gm, wm, brain_f, d_out, sinus_f, nuclei)
-    nz = np.argwhere(nuclei > 0)
+    derive_structures(tpl, brain, ndi)
+    return tpl
+
+
+def derive_structures(tpl: Template, brain, ndi) -> None:
+    """What the simulator reads besides the maps: each nucleus's smoothed fraction on a crop
+    around the nuclei, and the candidate sites per category (any template or anatomy)."""
+    nz = np.argwhere(tpl.nuclei > 0)
     lo, hi = nz.min(0) - 3, nz.max(0) + 4
-    crop = nuclei[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    crop = tpl.nuclei[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     tpl.nuclei_lo = lo
     tpl.nuclei_frac = np.stack([
         ndi.gaussian_filter(((crop == lab) | (crop == lab + 1)).astype(np.float32), 0.8)
         for (lab, *_r) in NUCLEI.values()])
     _derive_candidates(tpl, brain, ndi)
-    return tpl
 
 
 def hull_distance(brain: np.ndarray, ndi) -> np.ndarray:
