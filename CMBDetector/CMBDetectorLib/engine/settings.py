@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 from .. import MODALITIES
 from ..errors import InputError
 
+#: The intensity scalings :func:`~CMBDetectorLib.engine.preprocessing.normalise` knows.
+NORMALISATIONS = ("percentile", "iqr")
+
 
 @dataclass
 class DetectionSettings:
@@ -40,6 +43,13 @@ class DetectionSettings:
     #: veins) that otherwise cut brain and surface CMBs out of the mask. 0 = no closing. The
     #: networks are trained with one mask, so a model bundle sets this (its manifest).
     mask_closing_mm: float = 0.0
+    #: Intensity scaling before the networks (:func:`~CMBDetectorLib.engine.preprocessing.normalise`):
+    #: ``percentile`` (the first bundled models: brain median to 0, the 0.5th/99.5th percentile
+    #: to 1, which depends on how many veins a scan holds) or ``iqr`` (median to 0, 3.5
+    #: interquartile ranges of brain tissue to 1: independent of the scan's vein and lesion
+    #: content). A model bundle sets it in its manifest; the networks only work with the one
+    #: they were trained with.
+    normalisation: str = "percentile"
     #: Fast radial symmetry transform radii (mm) and radial strictness.
     frst_radii_mm: tuple = (1.0, 2.0, 3.0)
     frst_alpha: float = 2.0
@@ -90,6 +100,9 @@ class DetectionSettings:
             raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 0.0 <= self.mask_closing_mm <= 10.0:
             raise InputError(f"mask_closing_mm must be in [0, 10], got {self.mask_closing_mm}")
+        if self.normalisation not in NORMALISATIONS:
+            raise InputError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, "
+                             f"got {self.normalisation!r}")
         if self.min_volume_mm3 > self.max_volume_mm3:
             raise InputError("min_volume_mm3 exceeds max_volume_mm3")
         return self

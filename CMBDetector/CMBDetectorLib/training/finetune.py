@@ -73,12 +73,13 @@ def _read_cases(pairs: list, modality: str, base) -> list:
 
 
 def _tune_detector(det, train: list, rng, steps: int, ckpt: Path, lr: float, seed: int,
-                   batch: int, patch: int) -> None:
+                   batch: int, patch: int, radii_mm=(1.0, 2.0, 3.0)) -> None:
     """Fine-tune the detector on balanced lesion/background patches of the training scans."""
     from .train import TrainConfig, detector_batch, dice_ce_loss, fit
     from .data import detector_patches
 
-    cfg = TrainConfig()  # the bundled detector's sampling and loss settings
+    # the bundled detector's sampling and loss settings, its FRST radii
+    cfg = TrainConfig(frst_radii_mm=tuple(radii_mm))
     bank = [detector_patches(c, rng, size=patch + 8, **cfg.detector_sampling()) for c in train]
     img = np.concatenate([b[0] for b in bank])
     lab = np.concatenate([b[1] for b in bank])
@@ -166,7 +167,8 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
     ck.mkdir(parents=True, exist_ok=True)
 
     det, stu = bundle.detector, bundle.student
-    _tune_detector(det, train, rng, steps, ck / "detector.ckpt", lr, seed, batch, patch)
+    _tune_detector(det, train, rng, steps, ck / "detector.ckpt", lr, seed, batch, patch,
+                   base.frst_radii_mm)
     _tune_student(stu, det, train, rng, disc_steps, ck / "student.ckpt", lr, seed)
     metrics = _validate(val, det, stu, base, modality)
 

@@ -69,6 +69,28 @@ class TrainConfig:
     #: The test split is scored on the shared GRE label either way.
     swi_footprint_labels: bool = False
     sim_config: dict = field(default_factory=dict)   # SimulationConfig overrides
+    #: Draw every subject from the domains of :mod:`~CMBDetectorLib.simulation.domains`
+    #: (several anatomies, randomised appearance and processing, the real and training size
+    #: priors): pools A and B from its ``train`` split, validation from ``validation``, the test
+    #: scans from ``test`` and ``n_cross`` more from ``cross_domain`` (the held-out anatomy and
+    #: processing families), each split with its own seed range. ``sim_config`` still applies
+    #: on top. False: every subject from ``sim_config`` on the MNI152 template (the first
+    #: bundled models).
+    domains: bool = False
+    #: Cross-domain test subjects (``domains`` only), scored by the evaluate phase beside the
+    #: in-distribution test split.
+    n_cross: int = 0
+    #: How the cases are prepared, as :class:`~CMBDetectorLib.engine.settings.DetectionSettings`
+    #: takes them; the exported manifest tells ``detect()`` to prepare scans the same way.
+    normalisation: str = "percentile"
+    frst_radii_mm: tuple = (1.0, 2.0, 3.0)
+    #: Split merged candidates into one per focus (training candidate tables and the shipped
+    #: operating point alike).
+    split_candidates: bool = False
+    #: Probability that a training patch (detector and discriminator) gets a random monotone
+    #: intensity change (:func:`intensity_change`: gamma 0.7-1.4 and a histogram warp of the
+    #: raw scan, seen through the scan's normalisation); 0 = off (the first bundled models).
+    intensity_aug_prob: float = 0.0
     #: SimulationConfig overrides for pool A only (the detector's subjects), on top of
     #: ``sim_config``: e.g. ``{"cmb_dark_context": 0.5}`` places half of its CMBs against a
     #: dark structure. Pool B, validation and test keep the natural placement.
@@ -145,6 +167,25 @@ class TrainConfig:
                 "large_voxels": self.detector_large_voxels,
                 "large_extra": self.detector_large_extra}
 
+    def prep_settings(self, **extra):
+        """The :class:`DetectionSettings` the cases are prepared and their candidates found
+        with (``extra``: more overrides)."""
+        from ..engine.settings import DetectionSettings
+
+        return DetectionSettings(mask_closing_mm=self.mask_closing_mm,
+                                 normalisation=self.normalisation,
+                                 frst_radii_mm=tuple(self.frst_radii_mm),
+                                 split_candidates=self.split_candidates, **extra)
+
+    def preparation_manifest(self) -> dict:
+        """What ``detect()`` must do as the cases were prepared: the settings that differ from
+        the engine's defaults, for the manifest's ``inference`` block."""
+        from ..engine.settings import DetectionSettings
+
+        mine, default = self.prep_settings().to_dict(), DetectionSettings().to_dict()
+        keys = ("mask_closing_mm", "normalisation", "frst_radii_mm", "split_candidates")
+        return {k: mine[k] for k in keys if mine[k] != default[k]}
+
     @classmethod
     def tiny(cls) -> "TrainConfig":
         """Seconds-scale configuration for the test suite (not a usable model)."""
@@ -168,11 +209,15 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "n_pool_b_extra": 0, "detector_weights": "",
                    "choose_edge_distance": False, "mask_closing_mm": 0.0,
                    "swi_footprint_labels": False, "detector_large_voxels": 40,
-                   "detector_large_extra": 0}
+                   "detector_large_extra": 0, "domains": False, "n_cross": 0,
+                   "normalisation": "percentile", "frst_radii_mm": [1.0, 2.0, 3.0],
+                   "split_candidates": False, "intensity_aug_prob": 0.0}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 #: the modules that make the training cases (name in data_version.json -> file in the package)
 DATA_MODULES = {"simulation": "simulation/simulator.py", "anatomy": "simulation/anatomy.py",
+                "anatomies": "simulation/anatomies.py", "appearance": "simulation/appearance.py",
+                "lesions": "simulation/lesions.py", "domains": "simulation/domains.py",
                 "preprocessing": "engine/preprocessing.py",
                 "radial_symmetry": "engine/radial_symmetry.py", "volume": "engine/volume.py"}
 
@@ -189,10 +234,14 @@ def data_version() -> dict:
 def subject_seeds(cfg: TrainConfig) -> dict:
     """Subject seeds per split; splits are by subject, never by patch."""
     limits = {"n_pool_a": 500, "n_pool_b": 100, "n_pool_b_extra": 200, "n_val_extra": 100,
-              "n_test": 100}
+              "n_test": 100, "n_cross": 100}
     for k, most in limits.items():
         if not 0 <= getattr(cfg, k) <= most:  # the seed ranges below would overlap
             raise InputError(f"{k} must be between 0 and {most}")
+    if cfg.n_cross and not cfg.domains:
+        raise InputError("n_cross needs domains (the cross-domain split is one of its splits)")
+    if cfg.domains:
+        return _domain_seeds(cfg)
     s = cfg.seed * 1000
     a = [s + i for i in range(cfg.n_pool_a)]
     b = [s + 500 + i for i in range(cfg.n_pool_b)]
@@ -201,6 +250,27 @@ def subject_seeds(cfg: TrainConfig) -> dict:
     v = [s + 800 + i for i in range(cfg.n_val_extra)]
     return {"pool_a": a, "pool_b_train": b[:cfg.n_pool_b - cfg.n_val] + e,
             "pool_b_val": b[cfg.n_pool_b - cfg.n_val:], "val_extra": v, "test": t}
+
+
+def _domain_seeds(cfg: TrainConfig) -> dict:
+    """Seeds from the domain splits' own ranges (``cfg.seed`` does not move them: the splits
+    are the project's, shared by every run): pools A and B from ``train``, validation from
+    ``validation``, the test scans from ``test`` and ``cross_domain``."""
+    from ..simulation.domains import split_seeds
+
+    n_b = cfg.n_pool_b - cfg.n_val
+    return {"pool_a": split_seeds("train", cfg.n_pool_a),
+            "pool_b_train": split_seeds("train", n_b, 500)
+            + split_seeds("train", cfg.n_pool_b_extra, 600),
+            "pool_b_val": split_seeds("validation", cfg.n_val),
+            "val_extra": split_seeds("validation", cfg.n_val_extra, 100),
+            "test": split_seeds("test", cfg.n_test),
+            "cross_domain": split_seeds("cross_domain", cfg.n_cross)}
+
+
+#: The domain split each run split draws from (``TrainConfig.domains``).
+DOMAIN_SPLIT = {"pool_a": "train", "pool_b_train": "train", "pool_b_val": "validation",
+                "val_extra": "validation", "test": "test", "cross_domain": "cross_domain"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,10 +299,42 @@ def add_tube(img: np.ndarray, lab: np.ndarray, rng) -> np.ndarray:
     return img + profile.reshape(img.shape).astype(np.float32) * (img != 0)
 
 
-def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob: float = 0.0):
+#: Knots of :func:`intensity_change` on the normalised scale: brain tissue lies within about
+#: +-0.15 (its interquartile range, ``iqr`` normalisation), foci at 0.5-3.
+_WARP_KNOTS = np.array([-3.0, -1.0, -0.3, -0.15, 0.0, 0.15, 0.3, 1.0, 3.0])
+
+
+def intensity_change(img: np.ndarray, rng, max_factor: float = 1.6) -> np.ndarray:
+    """A random monotone intensity change of the raw scan, as the normalised image shows it.
+
+    A piecewise-linear monotone map through ``_WARP_KNOTS`` whose segments' slopes vary
+    independently (log-uniform within ``1 / max_factor`` .. ``max_factor``), then normalised
+    again the way ``iqr`` normalisation treats the changed scan: the brain median (0) stays 0
+    and the interquartile range (the two segments either side of 0) keeps its width. So foci,
+    veins, CSF and the dark and bright tails change contrast independently, as a gamma, another
+    TE/flip angle or another histogram does, while the tissue the scale is taken from does not.
+    Zero (outside the brain) stays zero. The network learns "brighter than its neighbours",
+    not one scanner's curve."""
+    slopes = np.exp(rng.uniform(-np.log(max_factor), np.log(max_factor),
+                                len(_WARP_KNOTS) - 1))
+    mid = len(_WARP_KNOTS) // 2  # the knot at 0
+    iqr_width = _WARP_KNOTS[mid + 1] - _WARP_KNOTS[mid - 1]
+    slopes /= (slopes[mid - 1] * (_WARP_KNOTS[mid] - _WARP_KNOTS[mid - 1])
+               + slopes[mid] * (_WARP_KNOTS[mid + 1] - _WARP_KNOTS[mid])) / iqr_width
+    vals = np.concatenate([[0.0], np.cumsum(slopes * np.diff(_WARP_KNOTS))])
+    vals -= vals[mid]
+    out = np.interp(img, _WARP_KNOTS, vals).astype(np.float32)
+    out = np.clip(out, -3.0, 3.0)
+    out[img == 0] = 0.0
+    return out
+
+
+def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob: float = 0.0,
+                     radii_mm=(1.0, 2.0, 3.0), intensity_prob: float = 0.0):
     """Flips on all axes, axis permutation in-plane, small rotation, contrast, noise,
     resolution (blur along one axis); centre-crop to ``out``; with probability ``tube_prob``
-    a tube in contact with the lesion (:func:`add_tube`)."""
+    a tube in contact with the lesion (:func:`add_tube`), with ``intensity_prob`` a monotone
+    intensity change (:func:`intensity_change`). The FRST (``radii_mm``) is recomputed."""
     from ..engine.radial_symmetry import frst
 
     img = img.astype(np.float32)
@@ -251,6 +353,8 @@ def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob:
             img, lab = np.flip(img, ax), np.flip(lab, ax)
     if rng.random() < 0.5:
         img, lab = np.swapaxes(img, 1, 2), np.swapaxes(lab, 1, 2)
+    if intensity_prob > 0 and rng.random() < intensity_prob:
+        img = intensity_change(img, rng)
     if rng.random() < 0.3:
         sig = [0.0, 0.0, 0.0]
         sig[rng.integers(3)] = rng.uniform(0.3, 1.0)
@@ -258,19 +362,29 @@ def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob:
     img = img * rng.uniform(0.7, 1.3) + rng.uniform(-0.1, 0.1)
     img = img + rng.normal(0, rng.uniform(0, 0.08), img.shape).astype(np.float32)
     img = np.ascontiguousarray(img, np.float32)
-    fr = frst(img)
+    fr = frst(img, radii_mm=tuple(radii_mm))
     return np.stack([img, fr]), np.ascontiguousarray(lab)
 
 
-def augment_patch(x: np.ndarray, seg: np.ndarray, rng):
+def augment_patch(x: np.ndarray, seg: np.ndarray, rng, radii_mm=(1.0, 2.0, 3.0),
+                  intensity_prob: float = 0.0):
     """Discriminator augmentation: flips, in-plane transpose, contrast and noise (both
-    channels scale together; the FRST is linear in contrast)."""
+    channels scale together; the FRST is linear in contrast); with ``intensity_prob`` a
+    monotone intensity change of the image, whose FRST (``radii_mm``) is then recomputed on
+    the patch (exact at its centre, where the candidate is)."""
     x = x.astype(np.float32)
     for ax in range(3):
         if rng.random() < 0.5:
             x, seg = np.flip(x, ax + 1), np.flip(seg, ax)
     if rng.random() < 0.5:
         x, seg = np.swapaxes(x, 2, 3), np.swapaxes(seg, 1, 2)
+    if intensity_prob > 0 and rng.random() < intensity_prob:
+        from ..engine.radial_symmetry import frst
+
+        img = intensity_change(x[0], rng)
+        fr = frst(np.ascontiguousarray(img), radii_mm=tuple(radii_mm))
+        fr[img == 0] = 0.0
+        x = np.stack([img, fr])
     x = x * rng.uniform(0.75, 1.25)
     x[0] += rng.normal(0, rng.uniform(0, 0.05), x[0].shape).astype(np.float32)
     return np.ascontiguousarray(x), np.ascontiguousarray(seg)
@@ -298,7 +412,8 @@ def detector_batch(img, lab, idx, rng, patch: int, cfg: "TrainConfig"):
     tensors, for training and fine-tuning alike."""
     import torch
 
-    xs, ys = zip(*(augment_detector(img[i], lab[i], rng, patch, cfg.detector_tube_prob)
+    xs, ys = zip(*(augment_detector(img[i], lab[i], rng, patch, cfg.detector_tube_prob,
+                                    cfg.frst_radii_mm, cfg.intensity_aug_prob)
                    for i in idx))
     w = np.stack([lesion_size_weights(y, cfg.detector_small_lesion_ref,
                                       cfg.detector_small_lesion_max) for y in ys])
@@ -475,8 +590,8 @@ class Run:
         self._map_subjects(todo, "simulate+prepare")
 
     def _missing(self, split: str, seed: int) -> bool:
-        if split == "test":
-            return not (self.test_dir() / f"sub-{seed}_truth.json").exists()
+        if split in TEST_SPLITS:
+            return not (self.test_dir(split) / f"sub-{seed}_truth.json").exists()
         return any(not self.case_path(seed, m).exists() for m in self.cfg.modalities)
 
     def _map_subjects(self, todo: list, label: str) -> None:
@@ -500,22 +615,17 @@ class Run:
 
     def build_subject(self, split: str, seed: int) -> None:
         """Simulate one subject; write its prepared cases (training splits) or its NIfTI scans
-        and ground truth (test split). Files are renamed into place, so a crash leaves none
+        and ground truth (test splits). Files are renamed into place, so a crash leaves none
         half-written."""
-        from ..engine.settings import DetectionSettings
-        from ..simulation.simulator import SimulationConfig, simulate_subject, write_subject
+        from ..simulation.simulator import simulate_subject, write_subject
         from .data import make_case
 
-        sim = dict(self.cfg.sim_config)
-        if split == "pool_a":
-            sim.update(self.cfg.detector_sim_config)
-        if split != "test":
-            sim.setdefault("n_cmbs", tuple(self.cfg.pool_n_cmbs))
-        subj = simulate_subject(seed, SimulationConfig(**sim))
-        if split == "test":
-            write_subject(subj, self.test_dir(), f"sub-{seed}", modalities=self.cfg.modalities)
+        subj = simulate_subject(seed, self.sim_config(split, seed))
+        if split in TEST_SPLITS:
+            write_subject(subj, self.test_dir(split), f"sub-{seed}",
+                          modalities=self.cfg.modalities)
             return
-        settings = DetectionSettings(mask_closing_mm=self.cfg.mask_closing_mm)
+        settings = self.cfg.prep_settings()
         for m in self.cfg.modalities:
             if self.case_path(seed, m).exists():
                 continue
@@ -526,6 +636,23 @@ class Run:
             tmp = self.case_path(seed, m).with_suffix(".tmp.npz")
             case.save(tmp)
             os.replace(tmp, self.case_path(seed, m))
+
+    def sim_config(self, split: str, seed: int):
+        """The subject's SimulationConfig: its domain (``domains``), then ``sim_config``, then
+        pool A's ``detector_sim_config``; training pools get ``pool_n_cmbs`` CMBs."""
+        from ..simulation.simulator import SimulationConfig
+
+        sim = {}
+        if self.cfg.domains:
+            from ..simulation.domains import draw_domain
+
+            sim.update(draw_domain(seed, DOMAIN_SPLIT[split]))
+        sim.update(self.cfg.sim_config)
+        if split == "pool_a":
+            sim.update(self.cfg.detector_sim_config)
+        if split not in TEST_SPLITS:
+            sim.setdefault("n_cmbs", tuple(self.cfg.pool_n_cmbs))
+        return SimulationConfig(**sim)
 
     def cases(self, split: str):
         from .data import Case
@@ -658,11 +785,10 @@ class Run:
         """(is_val, case, candidate table) for each (is_val, case) of the iterable ``todo``
         (``total`` of them), with a progress bar. Cases stream: a list of them all held every
         scan of pool B in memory at once (16 GB with 72 training subjects)."""
-        from ..engine.settings import DetectionSettings
         from .data import candidate_table
 
         det = self.load("detector", "UNet3D", self.detector_config())
-        settings = DetectionSettings(candidate_threshold=0.1)
+        settings = self.cfg.prep_settings(candidate_threshold=0.1)
         bar = ProgressBar(label)
         for n, (is_val, case) in enumerate(todo):
             yield is_val, case, candidate_table(case, det, settings)
@@ -695,7 +821,8 @@ class Run:
 
         def batches(rng):
             idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, self.cfg.disc_batch - half)])
-            xb, sb = zip(*(augment_patch(x[i], seg[i], rng) for i in idx))
+            xb, sb = zip(*(augment_patch(x[i], seg[i], rng, self.cfg.frst_radii_mm,
+                                         self.cfg.intensity_aug_prob) for i in idx))
             return (torch.from_numpy(np.stack(xb)), torch.from_numpy(np.stack(sb).astype(np.int64)),
                     torch.from_numpy(cls[idx]))
         return batches
@@ -887,15 +1014,18 @@ class Run:
                                                 "modality_thresholds", "min_volume_mm3",
                                                 "min_edge_distance_mm")
                              if k in op},
-                          **({"mask_closing_mm": self.cfg.mask_closing_mm}
-                             if self.cfg.mask_closing_mm else {}),  # the cases' mask
+                          **self.cfg.preparation_manifest(),  # as the cases were prepared
                           "mirrored_scoring": True},  # as score_validation chose it
             "training": {"command": "cmbdetector train --run-dir runs/main --export"
                                     + (" --config OVERRIDES.json" if overrides else ""),
                          "overrides": overrides,
                          "config": asdict(self.cfg),
-                         "data": "simulated subjects (CMBDetectorLib.simulation) on MNI152 "
-                                 "anatomy; splits by subject: " +
+                         "data": ("simulated subjects (CMBDetectorLib.simulation) from the "
+                                  "domains of simulation/domains.py (several anatomies, "
+                                  "randomised appearance; robex_ref and one processing family "
+                                  "per modality held out)" if self.cfg.domains else
+                                  "simulated subjects (CMBDetectorLib.simulation) on MNI152 "
+                                  "anatomy") + "; splits by subject: " +
                                  ", ".join(f"{k}={len(v)}" for k, v in self.seeds.items())},
             "operating_point_validation": {k: v for k, v in op.items() if k != "grid"},
         }
@@ -904,16 +1034,25 @@ class Run:
 
 
     # -- test split -----------------------------------------------------------------------------
-    def test_dir(self) -> Path:
-        return self.path("test_scans", "x").parent
+    def test_dir(self, split: str = "test") -> Path:
+        folder = "test_scans" if split == "test" else f"{split}_scans"
+        return self.path(folder, "x").parent
+
+    def test_splits(self) -> tuple:
+        """The test splits this run scores: ``test``, and ``cross_domain`` when it has any."""
+        return tuple(sp for sp in TEST_SPLITS if self.seeds.get(sp))
 
     def build_test_scans(self):
         """Simulate the test subjects with the simulator's natural CMB count (CMB-free subjects
         included) and write them as NIfTI files with their ground truth."""
-        todo = [("test", s) for s in self.seeds["test"] if self._missing("test", s)]
+        todo = [(sp, s) for sp in self.test_splits() for s in self.seeds[sp]
+                if self._missing(sp, s)]
         self._map_subjects(todo, "test scans")
 
-    def evaluate_test(self, models_dir, out_dir=None) -> dict:
+    def eval_dir(self, split: str = "test") -> Path:
+        return self.path("eval" if split == "test" else f"eval_{split}", "x").parent
+
+    def evaluate_test(self, models_dir, out_dir=None, split: str = "test") -> dict:
         """Detect every test scan with the exported bundle (the shipped code path), score it
         with ``cmbdetector evaluate``'s metrics, and compare the teacher, the distilled student
         and the student trained without distillation on the very same candidates."""
@@ -927,7 +1066,7 @@ class Run:
         from ..engine.outputs import write_outputs
         from ..engine.volume import read_volume
 
-        out_dir = Path(out_dir or self.path("eval", "x").parent)
+        out_dir = Path(out_dir or self.eval_dir(split))
         bundle = load_bundle(models_dir, device="cpu")
         settings = default_settings(bundle)
         views = len(MIRRORS) if settings.mirrored_scoring else 1
@@ -936,13 +1075,13 @@ class Run:
 
         variants = {"student": out_dir / "pred", "student_nokd": out_dir / "pred_nokd",
                     "teacher": out_dir / "pred_teacher"}
-        scans = [(seed, m) for seed in self.seeds["test"] for m in self.cfg.modalities]
-        bar = ProgressBar("evaluate test")
+        scans = [(seed, m) for seed in self.seeds[split] for m in self.cfg.modalities]
+        bar = ProgressBar(f"evaluate {split}")
         timings = []
         for n, (seed, m) in enumerate(scans):
             name = f"sub-{seed}_{m}"
             if not (variants["teacher"] / f"{name}_detection.json").exists():
-                vol = read_volume(self.test_dir() / f"{name}.nii.gz")
+                vol = read_volume(self.test_dir(split) / f"{name}.nii.gz")
                 tap = ScoreTap(bundle.student, {"student_nokd": nokd, "teacher": teacher})
                 b = copy.copy(bundle)
                 b.student = tap
@@ -959,7 +1098,7 @@ class Run:
         bar.close()
         report, loaded = {}, {}
         for key, pred in variants.items():
-            cases, _ = load_cases(pred, self.test_dir())
+            cases, _ = load_cases(pred, self.test_dir(split))
             result = evaluate_subjects(cases)
             loaded[key] = [without_label_maps(c) for c in cases]  # one set of maps in RAM
             del cases
@@ -1045,8 +1184,9 @@ def _truth_pmax(case, tab) -> list:
     return out.tolist()
 
 
-def record_test_metrics(models_dir, report: dict) -> None:
-    """Put the test-split numbers (per modality and overall) into the weights manifest."""
+def record_test_metrics(models_dir, report: dict, split: str = "test") -> None:
+    """Put a test split's numbers (per modality and overall) into the weights manifest
+    (``test_metrics``, or ``cross_domain_metrics`` for the cross-domain split)."""
     from ..engine.models import read_manifest, write_manifest
 
     def summary(g):
@@ -1060,13 +1200,17 @@ def record_test_metrics(models_dir, report: dict) -> None:
                 "valdo_f1_median": g["valdo"]["f1_median"]}
 
     manifest = read_manifest(models_dir)
-    manifest["test_metrics"] = {
-        "note": "simulated test split never used in training; see docs/VALIDATION.md",
+    key = "test_metrics" if split == "test" else f"{split}_metrics"
+    note = ("simulated test split never used in training; see docs/VALIDATION.md"
+            if split == "test" else "held-out anatomy and processing families, never trained "
+            "on; see docs/VALIDATION.md")
+    manifest[key] = {
+        "note": note,
         "students": {key: {"overall": summary(r["overall"]),
                            **{m: summary(g) for m, g in r["by_modality"].items()}}
                      for key, r in report.items() if isinstance(r, dict) and "overall" in r}}
     if "paired_froc" in report:
-        manifest["test_metrics"]["paired_froc"] = report["paired_froc"]
+        manifest[key]["paired_froc"] = report["paired_froc"]
     write_manifest(models_dir, manifest)
 
 
@@ -1121,6 +1265,9 @@ def grid_point(c: dict, clean: tuple, thr: float) -> dict:
             "fp_per_scan": round(c["fp"] / max(1, c["scans"]), 3)}
 
 
+#: The splits simulated as NIfTI scans with their truth and scored by the evaluate phase.
+TEST_SPLITS = ("test", "cross_domain")
+
 PHASES = ("data", "detector", "candidates", "teacher", "student", "export", "evaluate")
 
 
@@ -1158,7 +1305,9 @@ def run_training(run_dir, cfg: TrainConfig, models_dir=None, phases=PHASES,
             if models_dir is None:
                 continue
             run.build_test_scans()
-            record_test_metrics(models_dir, run.evaluate_test(models_dir))
+            for split in run.test_splits():
+                record_test_metrics(models_dir, run.evaluate_test(models_dir, split=split),
+                                    split)
         timings[phase] = time.perf_counter() - t
         print(f"phase {phase}: {timings[phase]:.0f} s", file=sys.stderr)
     timings["total"] = time.perf_counter() - t0
