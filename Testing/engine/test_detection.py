@@ -173,3 +173,19 @@ def test_a_device_fallback_at_loading_reaches_the_result(small_subject, tiny_bun
                  models=replace(tiny_bundle, notes=[note]))
     assert res.warnings[0] == note and res.device == "cpu" and res.device_name == ""
     assert res.summary()["device_name"] == "" and res.summary()["warnings"][0] == note
+
+
+def test_prepared_then_detected_equals_detect(run, tiny_bundle, low_settings):
+    """The cohort's prefetch path (preprocess elsewhere, detect here) gives detect()'s result."""
+    import pickle
+
+    from CMBDetectorLib.engine.detection import detect_prepared, prepare_scan
+
+    vol, _, res, _ = run
+    prepared = pickle.loads(pickle.dumps(prepare_scan(vol, "swi", None, low_settings)))
+    other = detect_prepared(prepared, tiny_bundle)
+    assert other.candidates == res.candidates and other.settings == res.settings
+    np.testing.assert_array_equal(other.candidate_labels, res.candidate_labels)
+    np.testing.assert_array_equal(other.brain_mask, res.brain_mask)
+    assert set(other.timings) == set(res.timings)
+    assert other.timings["preprocessing"] == prepared.preprocess_s > 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,9 +93,69 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
     settings = (settings or default_settings(models)).validate()
 
     prog.stage("preprocessing")
-    prep = prepare(volume, modality, mask, settings)
-    channels = np.stack([prep.image, prep.frst]).astype(np.float32)
+    prep, channels = _preprocess(volume, modality, mask, settings)
+    return _networks_and_cleanup(volume, prep, channels, settings, models, prog)
 
+
+@dataclass
+class PreparedScan:
+    """A scan read and preprocessed for the networks: the CPU work a cohort runs ahead of
+    detection (:func:`prepare_scan`), finished by :func:`detect_prepared`."""
+
+    volume: Volume
+    prep: object                 # preprocessing.Prepared
+    channels: np.ndarray         # float32 [2, k, j, i]: image, FRST
+    settings: DetectionSettings
+    preprocess_s: float = 0.0
+    read_s: float = 0.0
+
+
+def prepare_scan(volume: Volume, modality: str, mask: Volume | None = None,
+                 settings: DetectionSettings | None = None) -> PreparedScan:
+    """The preprocessing stage of :func:`detect`, alone (needs no models when ``settings`` are
+    given), so it can run in another process while the networks work on the previous scan."""
+    settings = (settings or DetectionSettings()).validate()
+    t0 = time.perf_counter()
+    prep, channels = _preprocess(volume, modality, mask, settings)
+    return PreparedScan(volume, prep, channels, settings, time.perf_counter() - t0)
+
+
+def prepare_file(path, modality: str, mask_path=None, settings=None) -> PreparedScan:
+    """Read a scan (and mask) and :func:`prepare_scan` it; the reading time is kept."""
+    t0 = time.perf_counter()
+    volume = read_volume(path)
+    mask = read_volume(mask_path) if mask_path else None
+    read_s = time.perf_counter() - t0
+    prepared = prepare_scan(volume, modality, mask, settings)
+    prepared.read_s = read_s
+    return prepared
+
+
+def detect_prepared(prepared: PreparedScan, models=None, progress=None,
+                    cancel=None) -> DetectionResult:
+    """:func:`detect` from its preprocessing on: the same result for the same scan and settings
+    (``timings`` hold the preprocessing time measured where it ran)."""
+    from .models import load_bundle
+
+    prog = _Progress(progress, cancel)
+    prog.stage("loading models")
+    if models is None:
+        models = load_bundle(device=prepared.settings.device)
+    prog.timings["preprocessing"] = prepared.preprocess_s
+    return _networks_and_cleanup(prepared.volume, prepared.prep, prepared.channels,
+                                 prepared.settings, models, prog)
+
+
+def _preprocess(volume: Volume, modality: str, mask, settings) -> tuple:
+    """``(Prepared, channels)``: the working-grid image and its FRST stacked for the networks."""
+    prep = prepare(volume, modality, mask, settings)
+    return prep, np.stack([prep.image, prep.frst]).astype(np.float32)
+
+
+def _networks_and_cleanup(volume: Volume, prep, channels: np.ndarray,
+                          settings: DetectionSettings, models, prog: _Progress
+                          ) -> DetectionResult:
+    """Candidate U-Net, student and clean-up on a preprocessed scan; results on its input grid."""
     with warnings.catch_warnings(record=True) as caught:  # e.g. CUDA out of memory -> CPU
         warnings.simplefilter("always", RuntimeWarning)
         prog.stage("candidate detection")
