@@ -298,3 +298,114 @@ def test_cli_rating_criterion_option(dataset, capsys):
                  "--rated-diameter-mm", "5", "-q", "--no-plot"]) == 0
     r = json.loads((out / "evaluation.json").read_text())["overall"]["cluster_rated"]
     assert (r["n_ref"], r["below_criterion"], r["fp"]) == (0, 2, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# --cross-domain: two splits in one run
+# --------------------------------------------------------------------------------------------
+@pytest.fixture()
+def cross_domain(dataset):
+    """A second split unlike ``dataset``: sub-101 (GRE) finds its two CMBs, one of them a
+    one-voxel footprint (visible 1.4 mm, below the 2 mm criterion), plus a vein FP; sub-102
+    (QSM) misses its CMB and has a stray FP. Cluster counts: all 2/3 found, rated 1/2, 1 FP/scan."""
+    pred, truth = dataset["tmp"] / "cd_pred", dataset["tmp"] / "cd_truth"
+    pred.mkdir()
+    truth.mkdir()
+    _, lab = truth_files(truth, "sub-101", [(CMB1, 0.6, "lobar"), (CMB2, 2.0, "deep")])
+    arr = np.asarray(lab.array).copy()
+    arr[arr == 1] = 0
+    cube(arr, CMB1, 0, 1)
+    write_volume(lab.with_array(arr), truth / "sub-101_cmb.nii.gz")
+    truth_files(truth, "sub-102", [(CMB1, 1.0, "lobar")])
+    pred_files(pred, "sub-101_gre", make_result([(CMB1, 0.9, True), (CMB2, 0.7, True),
+                                                 (VEIN, 0.8, True)], "gre"))
+    pred_files(pred, "sub-102_qsm", make_result([(STRAY, 0.9, True)], "qsm"))
+    return pred, truth
+
+
+def single_split(pred, truth, out, *opts):
+    assert main(["evaluate", str(pred), str(truth), "-o", str(out), "-q", "--no-plot",
+                 *opts]) == 0
+    return json.loads((out / "evaluation.json").read_text())
+
+
+def expected_summary(group, cluster=True):
+    a = group["cluster"] if cluster else group["stages"]["cleanup"]
+    return {"scans": group["scans"], "truth_cmbs": group["truth_cmbs"],
+            "all": (a["n_ref"], a["tpr"], a["fp_per_subject"])}
+
+
+def test_cli_cross_domain_summary_matches_single_runs(dataset, cross_domain, capsys):
+    out, tmp = dataset["tmp"] / "both", dataset["tmp"]
+    assert main(["evaluate", str(dataset["pred"]), str(dataset["truth"]), "--cross-domain",
+                 *map(str, cross_domain), "-o", str(out), "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    singles = {"cross_domain": single_split(*cross_domain, tmp / "cd"),
+               "in_distribution": single_split(dataset["pred"], dataset["truth"], tmp / "id")}
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["splits"]) == ["cross_domain", "in_distribution"]
+    for key, single in singles.items():
+        split = summary["splits"][key]
+        per_split = json.loads((out / key / "evaluation.json").read_text())
+        assert per_split["overall"] == single["overall"]  # each folder = a single evaluation
+        assert (out / key / "evaluation.md").exists()
+        assert set(split["by_modality"]) == set(single["by_modality"])
+        groups = [(split["overall"], single["overall"])] + [
+            (split["by_modality"][m], g) for m, g in single["by_modality"].items()]
+        for got, want in groups:
+            r = want["cluster_rated"]
+            assert (got["scans"], got["truth_cmbs"]) == (want["scans"], want["truth_cmbs"])
+            assert (got["all"]["cmbs"], got["all"]["tpr"], got["all"]["fp_per_scan"]) == \
+                expected_summary(want)["all"]
+            assert (got["visible"]["cmbs"], got["visible"]["tpr"],
+                    got["visible"]["fp_per_scan"]) == (r["n_ref"], r["tpr"], r["fp_per_subject"])
+    # the numbers known by hand: the two splits are not swapped, rated differs from all
+    cd = summary["splits"]["cross_domain"]
+    assert cd["overall"]["all"] == {"cmbs": 3, "tpr": pytest.approx(2 / 3), "fp_per_scan": 1.0}
+    assert cd["overall"]["visible"] == {"cmbs": 2, "tpr": 0.5, "fp_per_scan": 1.0,
+                                        "min_diameter_mm": 2.0}
+    assert cd["by_modality"]["qsm"]["all"]["tpr"] == 0.0
+    assert summary["splits"]["in_distribution"]["overall"]["all"]["tpr"] == 0.5
+    # cross-domain leads, in the printed report and in summary.md
+    cd_table, id_table = "### All scans: 2 scans, 2 with CMBs, 3 CMBs", \
+        "### All scans: 2 scans, 1 with CMBs, 2 CMBs"
+    assert printed.index("## Cross-domain split") < printed.index(cd_table) < \
+        printed.index("## In-distribution split") < printed.index(id_table)
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    assert md.index("| Cross-domain | all | 2 | 3 | 2 | 50.0 % | 1.00 | 66.7 % | 1.00 |") < \
+        md.index("| In-distribution | all | 2 | 2 | 2 | 50.0 % | 0.50 | 50.0 % | 0.50 |")
+
+
+def test_cli_cross_domain_without_label_maps_uses_centroids(dataset, cross_domain):
+    out = dataset["tmp"] / "points"
+    assert main(["evaluate", str(dataset["pred"]), str(dataset["truth"]), "--cross-domain",
+                 *map(str, cross_domain), "-o", str(out), "-q", "--no-label-maps"]) == 0
+    single = single_split(*cross_domain, dataset["tmp"] / "cd_points", "--no-label-maps")
+    got = json.loads((out / "summary.json").read_text())["splits"]["cross_domain"]["overall"]
+    assert got["rule"].startswith("centroid")
+    assert (got["all"]["cmbs"], got["all"]["tpr"], got["all"]["fp_per_scan"]) == \
+        expected_summary(single["overall"], cluster=False)["all"] == (3, 2 / 3, 1.0)
+    assert got["visible"]["cmbs"] is None  # no label maps: no visible sizes
+    assert (out / "cross_domain" / "froc.png").exists()
+
+
+def test_cli_cross_domain_bad_folder_is_one_line(dataset, cross_domain, capsys):
+    out = dataset["tmp"] / "bad"
+    missing = dataset["tmp"] / "nope"
+    # the cross-domain pair is checked before the in-distribution pair is scored, and back
+    for args in ([str(missing), str(cross_domain[1])],
+                 [str(cross_domain[0]), str(missing)]):
+        assert main(["evaluate", str(dataset["pred"]), str(dataset["truth"]),
+                     "--cross-domain", *args, "-o", str(out)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"cmbdetector: error: {missing}: not a folder"]
+    assert main(["evaluate", str(missing), str(dataset["truth"]), "--cross-domain",
+                 *map(str, cross_domain), "-o", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == f"cmbdetector: error: {missing}: not a folder"
+    assert not out.exists()
+    man = dataset["tmp"] / "m.csv"
+    man.write_text("prediction,truth\nsub-001_swi,sub-001\n")
+    assert main(["evaluate", str(dataset["pred"]), str(dataset["truth"]), "--cross-domain",
+                 *map(str, cross_domain), "--manifest", str(man), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--manifest" in err[0] and not out.exists()

@@ -13,7 +13,8 @@ Reads per-subject engine outputs (``<stem>_cmb.nii.gz`` lesion label map at the 
 * false positives attributed to the nearest simulated mimic type.
 
 :func:`evaluate_subjects` is the in-memory entry point for training code; the CLI builds
-:class:`EvalCase` objects from files and calls it.
+:class:`EvalCase` objects from files and calls it. With ``--cross-domain`` it scores a second
+(cross-domain) folder pair alike and reports both (:mod:`.splits`).
 """
 from __future__ import annotations
 
@@ -697,6 +698,13 @@ def _rethreshold(pred_vol, det: dict, threshold: float):
     return pred_vol.with_array(lut[np.asarray(pred_vol.array).astype(np.int64)])
 
 
+def require_folders(*folders) -> None:
+    """Fail on the first path that is not a folder, before any scan is read or scored."""
+    for d in map(Path, folders):
+        if not d.is_dir():
+            raise InputError(f"{d}: not a folder")
+
+
 def load_cases(pred_dir, truth_dir, manifest=None, threshold: float | None = None,
                use_label_maps: bool = True, missing_as_empty: bool = False,
                warn=None) -> tuple[list, dict]:
@@ -710,9 +718,7 @@ def load_cases(pred_dir, truth_dir, manifest=None, threshold: float | None = Non
     from ..engine.volume import read_volume
 
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
-    for d in (pred_dir, truth_dir):
-        if not d.is_dir():
-            raise InputError(f"{d}: not a folder")
+    require_folders(pred_dir, truth_dir)
     warn = warn or (lambda msg: None)
     dets = _suffix_stems(pred_dir, "_detection.json")
     csvs = _suffix_stems(pred_dir, "_lesions.csv")
@@ -816,6 +822,10 @@ def configure_parser(parser) -> None:
                         help="a false positive is attributed to a mimic this close (default 3)")
     parser.add_argument("--no-label-maps", action="store_true",
                         help="score centroid lists only (skip the cluster-wise family)")
+    parser.add_argument("--cross-domain", nargs=2, metavar=("PRED_DIR", "TRUTH_DIR"),
+                        help="also score this cross-domain prediction/truth pair with the same "
+                             "options: OUT/cross_domain/, OUT/in_distribution/ and "
+                             "OUT/summary.json, summary.md (cross-domain first)")
     parser.add_argument("--missing-as-empty", action="store_true",
                         help="score truth subjects without prediction as empty predictions")
     parser.add_argument("--no-plot", action="store_true", help="do not write froc.png")
@@ -866,7 +876,8 @@ def write_report(result: dict, out_dir, plot: bool = True) -> dict:
     return paths
 
 
-def run_command(args) -> int:
+def _size_edges(args) -> tuple:
+    """The size-bin edges, with every numeric option checked before any scan is read."""
     try:
         edges = tuple(float(x) for x in str(args.size_bins).split(",") if x.strip())
     except ValueError:
@@ -877,22 +888,38 @@ def run_command(args) -> int:
         raise InputError("--distance-mm must be positive")
     if args.rated_diameter_mm < 0:
         raise InputError("--rated-diameter-mm must not be negative")
+    return edges
+
+
+def score_folders(pred_dir, truth_dir, args, edges, warn=None, progress=None) -> dict:
+    """One prediction/truth folder pair scored with the command's options, so that several
+    splits of one run are scored alike; unpaired stems are listed in the result."""
+    cases, unpaired = load_cases(pred_dir, truth_dir, args.manifest, args.threshold,
+                                 not args.no_label_maps, args.missing_as_empty, warn)
+    result = evaluate_subjects(cases, args.distance_mm, args.connectivity,
+                               args.valdo_connectivity, args.point_rule, edges,
+                               args.mimic_distance_mm, True, progress, args.rated_diameter_mm)
+    result.update(unpaired)
+    return result
+
+
+def run_command(args) -> int:
+    edges = _size_edges(args)
     quiet = args.quiet
     warn = (lambda msg: None) if quiet else (
         lambda msg: print(f"cmbdetector evaluate: {msg}", file=sys.stderr))
-    cases, unpaired = load_cases(args.predictions, args.truth, args.manifest, args.threshold,
-                                 not args.no_label_maps, args.missing_as_empty, warn)
 
     def progress(done, total, name):
         if not quiet:
             print(f"\revaluate {done}/{total} {name[:40]:<40}", end="" if done < total else "\n",
                   file=sys.stderr, flush=True)
 
-    result = evaluate_subjects(cases, args.distance_mm, args.connectivity,
-                               args.valdo_connectivity, args.point_rule, edges,
-                               args.mimic_distance_mm, True, progress, args.rated_diameter_mm)
-    result.update(unpaired)
     out = Path(args.output) if args.output else Path(args.predictions) / "evaluation"
+    if getattr(args, "cross_domain", None):
+        from .splits import run_splits
+
+        return run_splits(args, edges, out, warn, progress)
+    result = score_folders(args.predictions, args.truth, args, edges, warn, progress)
     paths = write_report(result, out, plot=not args.no_plot)
     if not quiet:
         print(paths["table"].read_text(encoding="utf-8"))
