@@ -146,7 +146,8 @@ def test_killed_worker_every_scan_done_exactly_once(tmp_path, client):
     assert [int(table[n]["cmb_count"]) for n in names] == [1 + n % 3 for n in range(6)]
     # the killed attempts' temporary folders never became results and are cleaned up
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["cohort.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["cohort.csv",
+                                                                   "cohort_summary.json"])
     client.wait_for_workers(2, timeout=60)
 
 
@@ -269,3 +270,104 @@ def test_missing_weights_fail_before_any_cluster(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "no trained weights" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "cohort.csv").exists()
+
+
+def logging_process(path, modality, out_dir, stem, settings, threads=None, prepared=None):
+    """The blob process; logs when each scan's detection starts (prefetch queue test)."""
+    _log(Path(path).parent, f"detect {stem}")
+    time.sleep(0.3)
+    return cohort.blob_process(path, modality, out_dir, stem, settings, threads, prepared)
+
+
+def _logging_prepare(path, modality, settings):
+    _log(Path(path).parent, f"prepare {Path(path).name.split('.')[0]}")
+    return cohort.blob_process.prepare(path, modality, settings)
+
+
+def _log(folder, line):
+    with open(folder / "order.log", "a") as fh:
+        fh.write(line + "\n")
+
+
+logging_process.prepare = _logging_prepare
+logging_process.version = lambda: "logging-test-1"
+
+
+def test_prefetch_queue_is_bounded_and_keeps_the_scan_order(tmp_path):
+    counts = {f"s{n}_swi": n % 3 for n in range(6)}
+    make_cohort(tmp_path / "scans", counts)
+    rep = cohort.run_cohort(tmp_path / "scans", tmp_path / "out", process=f"{THIS}:logging_process",
+                            prefetch=2, threads=1, progress=False)
+    rows = read_table(rep.table)
+    assert rows["bad_swi"]["status"] == "failed" and rows["bad_swi"]["reason"]
+    assert all(rows[k]["status"] == "done" and int(rows[k]["cmb_count"]) == n
+               for k, n in counts.items())
+    events = (tmp_path / "scans" / "order.log").read_text().splitlines()
+    detected = [e.split()[1] for e in events if e.startswith("detect")]
+    assert detected == sorted(counts)  # in order; bad_swi (first) failed before detection
+    for n, key in enumerate(detected, start=1):  # scan n of the queue (bad_swi is 0) is
+        at = events.index(f"detect {key}")       # detected with at most 2 prepared after it
+        assert sum(e.startswith("prepare") for e in events[:at]) <= n + 1 + 2
+
+
+def test_throughput_summary_counts_scans_done_in_this_run():
+    rows = [{"status": "done", "timings_s": {"reading": 1.0, "candidate detection": 10.0}},
+            {"status": "done", "timings_s": {"reading": 2.0, "candidate detection": 8.0}},
+            {"status": "skipped", "timings_s": {"reading": 50.0}},
+            {"status": "failed"}]
+    s = cohort.throughput_summary(rows, 30.0, "prefetch")
+    assert s["scans_per_min"] == 4.0 and (s["done"], s["skipped"], s["failed"]) == (2, 1, 1)
+    assert s["stage_totals_s"] == {"reading": 3.0, "candidate detection": 18.0}
+    assert "4.00 scans/min" in cohort.throughput_line(s)
+
+
+@pytest.fixture(scope="module")
+def simulated_scans(tmp_path_factory):
+    """Three small simulated SWI scans (48 mm cubes with CMBs) and one unreadable file."""
+    from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
+
+    folder = tmp_path_factory.mktemp("simscans")
+    for seed in (11, 12, 13):
+        subj = simulate_subject(seed, SimulationConfig(roi_mm=56.0, spacing_mm=(0.9, 0.9, 1.5),
+                                                       n_cmbs=3))
+        write_volume(subj.images["swi"], folder / f"sim{seed}_swi.nii.gz")
+    (folder / "bad_swi.nii.gz").write_bytes(b"not a NIfTI" * 20)
+    return folder
+
+
+def test_prefetch_outputs_equal_the_sequential_engine(simulated_scans, tmp_path):
+    """Real engine (bundled weights, low operating point so there are lesions): prefetched
+    scans give the files of the per-scan task, byte for byte apart from the timings."""
+    pytest.importorskip("torch")
+    from CMBDetectorLib.engine.volume import read_volume
+
+    settings = {"device": "cpu", "location": False, "threshold": 0.0,
+                "candidate_threshold": 0.05, "min_edge_distance_mm": 0.0}
+    rep = cohort.run_cohort(simulated_scans, tmp_path / "pre", settings=settings, prefetch=2,
+                            threads=2, progress=False)
+    rows = read_table(rep.table)
+    keys = ["sim11_swi", "sim12_swi", "sim13_swi"]
+    lesions = 0
+    for key in keys:
+        seq = tmp_path / "seq" / key
+        seq.mkdir(parents=True)
+        info = cohort.engine_process(str(simulated_scans / f"{key}.nii.gz"), "swi", str(seq), key,
+                                     dict(settings), threads=2)
+        pre = tmp_path / "pre" / key
+        assert rows[key]["status"] == "done" and int(rows[key]["cmb_count"]) == info["cmb_count"]
+        for name in (f"{key}_lesions.csv", f"{key}.mrk.json"):
+            assert (pre / name).read_bytes() == (seq / name).read_bytes()
+        a, b = (read_volume(d / f"{key}_cmb.nii.gz") for d in (pre, seq))
+        np.testing.assert_array_equal(a.array, b.array)
+        np.testing.assert_allclose(a.ijk_to_ras, b.ijk_to_ras)
+        ja, jb = (json.loads((d / f"{key}_detection.json").read_text()) for d in (pre, seq))
+        assert {k: v for k, v in ja.items() if k != "timings_s"} == \
+            {k: v for k, v in jb.items() if k != "timings_s"}
+        lesions += info["cmb_count"]
+    assert lesions > 0, "the low operating point should report some lesions"
+    assert rows["bad_swi"]["status"] == "failed" and "bad_swi" in rows["bad_swi"]["reason"]
+    summary = json.loads((tmp_path / "pre" / "cohort_summary.json").read_text())
+    assert summary["mode"] == "prefetch" and summary["done"] == 3 and summary["failed"] == 1
+    assert summary["scans_per_min"] > 0
+    assert {"reading", "preprocessing", "candidate detection", "writing"} <= \
+        set(summary["stage_totals_s"])

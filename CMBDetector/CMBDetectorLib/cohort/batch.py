@@ -336,12 +336,13 @@ def _set_threads(threads: int | None) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(threads))
 
 
-def run_scan(scan: dict, out_root: str, config: dict) -> dict:
+def run_scan(scan: dict, out_root: str, config: dict, prepared=None) -> dict:
     """The Dask task for one scan: skip if current, else process into a temporary folder, commit.
 
     Returns a cohort row (``status`` done / skipped / failed). Errors of the scan itself become a
     failed row; only infrastructure errors (disk full on the output share...) propagate so Dask
-    retries them.
+    retries them. ``prepared`` (prefetch mode) is what the process's ``prepare`` returned for
+    this scan in another process, or the exception it raised there.
     """
     scan = Scan(**scan)
     out_root = Path(out_root)
@@ -365,8 +366,11 @@ def run_scan(scan: dict, out_root: str, config: dict) -> dict:
         stat = quick_stat(scan.path)
         sha = file_sha256(scan.path)
         process = resolve_process(config["process"])
+        if isinstance(prepared, BaseException):
+            raise prepared
+        more = {} if prepared is None else {"prepared": prepared}
         info = process(scan.path, scan.modality, str(tmp), scan.key, dict(config["settings"]),
-                       config.get("threads"))
+                       config.get("threads"), **more)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         record = {"scan": scan.key, "input_path": str(scan.path), "input_stat": stat,
                   "input_sha256": sha, "modality": scan.modality, "subject": scan.subject,
@@ -375,12 +379,13 @@ def run_scan(scan: dict, out_root: str, config: dict) -> dict:
                   "cmb_count": int(info["cmb_count"]), "categories": info.get("categories", {}),
                   "runtime_s": round(time.perf_counter() - t0, 3), "files": files,
                   "run_id": config.get("run_id", ""), "note": info.get("note", ""),
+                  "timings_s": info.get("timings_s", {}),
                   "host": os.uname().nodename, "pid": os.getpid(),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cmbdetector": __version__}
         # The record goes last: its presence in the final folder means everything is there.
         _write_json_atomic(tmp / f"{scan.key}.done.json", record)
         _commit(tmp, final)
-        return _row_from_record(row, record, "done")
+        return dict(_row_from_record(row, record, "done"), timings_s=record["timings_s"])
     except CMBError as exc:
         row["reason"] = _one_line(str(exc))
     except (ValueError, RuntimeError, KeyError, IndexError, TypeError, MemoryError,
@@ -439,7 +444,7 @@ def _count_categories(lesions_csv: Path) -> dict:
     return counts
 
 
-def engine_process(path, modality, out_dir, stem, settings, threads=None) -> dict:
+def engine_process(path, modality, out_dir, stem, settings, threads=None, prepared=None) -> dict:
     """Production per-scan work: ``detect_file`` then ``write_outputs`` (as ``cmbdetector detect``).
 
     ``settings`` holds overrides of the bundled models' validated operating point (e.g.
@@ -447,20 +452,28 @@ def engine_process(path, modality, out_dir, stem, settings, threads=None) -> dic
     registration and lobar/deep/infratentorial category per lesion, added to the lesion table
     and counted in ``cohort.csv``. A location failure does not fail the scan (its counts are
     left empty and the reason is kept in the completion record). Files are named after ``stem``
-    so cohorts with many ``swi.nii.gz`` stay apart.
+    so cohorts with many ``swi.nii.gz`` stay apart. ``prepared`` is :func:`engine_prepare`'s
+    result (prefetch mode): the scan is then read and preprocessed already. ``timings_s`` in the
+    returned dict has the seconds of every stage.
     """
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
-    from ..engine.detection import default_settings, detect_file
+    from ..engine.detection import default_settings, detect_file, detect_prepared
     from ..engine.outputs import write_outputs
 
     overrides = dict(settings)
     want_location = bool(overrides.pop("location", True))
     models = _cached_models(overrides.get("device", "auto"))
     s = default_settings(models, **overrides)
-    volume, result = detect_file(path, modality, settings=s, models=models)
+    if prepared is None:
+        volume, result = detect_file(path, modality, settings=s, models=models)
+        timings = dict(result.timings)
+    else:
+        volume, result = prepared.volume, detect_prepared(prepared, models)
+        timings = dict(result.timings, reading=prepared.read_s)
+    t0 = time.perf_counter()
     threshold = s.threshold_for(result.modality)
     lesions = result.lesions(threshold)
     extra, categories, note = None, {}, ""
@@ -480,9 +493,31 @@ def engine_process(path, modality, out_dir, stem, settings, threads=None) -> dic
             note = _one_line(f"location failed: {exc}")
     elif want_location:
         categories = {c: 0 for c in CATEGORY_ORDER}
+    timings["location"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     write_outputs(volume, result, out_dir, threshold=threshold, name=stem, extra=extra)
+    timings["writing"] = time.perf_counter() - t0
     return {"cmb_count": len(lesions), "model_version": result.model_version,
-            "categories": categories, "note": note}
+            "categories": categories, "note": note,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def engine_prepare(path, modality, settings):
+    """Prefetch half of :func:`engine_process`: read and preprocess, no networks, no torch.
+
+    The operating point comes from the weights' manifest, as :func:`engine_process` gets it
+    from the loaded bundle."""
+    from types import SimpleNamespace
+
+    from ..engine.detection import default_settings, prepare_file
+    from ..engine.models import read_manifest
+
+    overrides = {k: v for k, v in settings.items() if k != "location"}
+    manifest = SimpleNamespace(settings=read_manifest().get("inference", {}))
+    return prepare_file(path, modality, settings=default_settings(manifest, **overrides))
+
+
+engine_process.prepare = engine_prepare
 
 
 _MODELS: dict = {}
@@ -497,7 +532,7 @@ def _cached_models(device: str = "auto"):
     return _MODELS[device]
 
 
-def blob_process(path, modality, out_dir, stem, settings, threads=None) -> dict:
+def blob_process(path, modality, out_dir, stem, settings, threads=None, prepared=None) -> dict:
     """Weight-free stand-in with the engine's file layout: counts dark blobs, writes outputs.
 
     Dark = robust z-score below -5 inside the non-zero region (above +5 for QSM, where CMBs are
@@ -509,7 +544,7 @@ def blob_process(path, modality, out_dir, stem, settings, threads=None) -> dict:
 
     from ..engine.volume import read_volume, write_volume
 
-    vol = read_volume(path)
+    vol = read_volume(path) if prepared is None else prepared
     a = np.asarray(vol.array, np.float32)
     fg = a != 0
     if not fg.any():
@@ -537,6 +572,15 @@ def blob_process(path, modality, out_dir, stem, settings, threads=None) -> dict:
 
 
 blob_process.version = lambda: "blob-stand-in-1"
+
+
+def _blob_prepare(path, modality, settings):
+    from ..engine.volume import read_volume
+
+    return read_volume(path)
+
+
+blob_process.prepare = _blob_prepare
 
 
 # ------------------------------------------------------------------------------ the cluster
@@ -607,6 +651,7 @@ class CohortReport:
     rows: list = field(default_factory=list)
     table: str = ""
     elapsed_s: float = 0.0
+    summary: dict = field(default_factory=dict)  # throughput; also in ``cohort_summary.json``
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows)
@@ -680,8 +725,8 @@ def _remove_attempt_leftovers(out_root: Path, run_id: str) -> None:
 def run_cohort(source, out_root, modality: str | None = None, settings=None,
                scheduler: str | None = None, workers: int | None = None,
                process: str = ENGINE_PROCESS, client=None, retries: int = 2,
-               threads: int | None = None, progress=True, scans: list | None = None
-               ) -> CohortReport:
+               threads: int | None = None, progress=True, scans: list | None = None,
+               prefetch: int = 0) -> CohortReport:
     """Process every scan of ``source`` on Dask; write per-scan folders and ``cohort.csv``.
 
     Parameters
@@ -697,6 +742,8 @@ def run_cohort(source, out_root, modality: str | None = None, settings=None,
     retries : Dask retries for infrastructure errors; lost workers are covered by Dask's
         ``distributed.scheduler.allowed-failures``.
     progress : True for a progress bar on stderr, or a callable ``(done, total)``.
+    prefetch : N > 0 runs on this machine without Dask: one process (this one) detects while N
+        worker processes read and preprocess the next N scans (:func:`process_prefetched`).
     """
     from ..engine.settings import DetectionSettings
 
@@ -715,15 +762,96 @@ def run_cohort(source, out_root, modality: str | None = None, settings=None,
 
     rows, todo = _split_done(scans, out_root, shash, version)
     bar = _ProgressBar(len(scans), len(rows)) if progress is True else None
-    if todo:
+    t_work = time.perf_counter()
+    if todo and prefetch:
+        config["threads"] = threads or _cpu_count()
+        rows.update(process_prefetched(todo, out_root, config, prefetch, bar, progress))
+    elif todo:
         rows.update(_process_on_dask(todo, len(rows), out_root, config, client, scheduler,
                                      workers, threads, retries, bar, progress))
+    t_work = time.perf_counter() - t_work
     if bar:
         bar.finish()
     _remove_attempt_leftovers(out_root, config["run_id"])
     ordered = [rows[s.key] for s in scans]
     table = write_cohort_table(ordered, out_root / "cohort.csv")
-    return CohortReport(ordered, str(table), time.perf_counter() - t_start)
+    summary = throughput_summary(ordered, t_work, "prefetch" if prefetch else "dask")
+    _write_json_atomic(out_root / "cohort_summary.json", summary)
+    return CohortReport(ordered, str(table), time.perf_counter() - t_start, summary)
+
+
+def throughput_summary(rows: list, wall_s: float, mode: str) -> dict:
+    """Scans per minute over the processing wall time (start-up and skipped scans excluded) and
+    each stage's seconds summed over the scans done in this run."""
+    done = [r for r in rows if r["status"] == "done"]
+    totals: dict = {}
+    for r in done:
+        for stage, sec in (r.get("timings_s") or {}).items():
+            totals[stage] = totals.get(stage, 0.0) + float(sec)
+    return {"mode": mode, "scans": len(rows), "done": len(done),
+            "skipped": sum(r["status"] == "skipped" for r in rows),
+            "failed": sum(r["status"] == "failed" for r in rows),
+            "wall_s": round(wall_s, 3),
+            "scans_per_min": round(60.0 * len(done) / wall_s, 3) if done and wall_s > 0 else 0.0,
+            "stage_totals_s": {k: round(v, 3) for k, v in totals.items()}}
+
+
+def throughput_line(summary: dict) -> str:
+    """One line for the terminal: scans/min and the stages that took the time."""
+    stages = sorted(summary["stage_totals_s"].items(), key=lambda kv: -kv[1])
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in stages)
+    return (f"throughput: {summary['scans_per_min']:.2f} scans/min ({summary['done']} in "
+            f"{summary['wall_s']:.1f} s, {summary['mode']})" + (f"; stage totals: {parts}"
+                                                                 if parts else ""))
+
+
+# ----------------------------------------------------------------------------- prefetch mode
+def process_prefetched(todo: list, out_root: Path, config: dict, prefetch: int, bar=None,
+                       progress=None) -> dict:
+    """Rows of ``todo``: this process runs each scan's detection (e.g. on the one GPU) while a
+    pool of ``prefetch`` processes reads and preprocesses the next ``prefetch`` scans.
+
+    The queue is bounded (at most ``prefetch`` prepared scans wait in memory) and scans finish
+    in order. Each scan goes through :func:`run_scan`, so outputs, records and failure rows are
+    those of the Dask path; the process must have a ``prepare(path, modality, settings)``.
+    """
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    if not hasattr(resolve_process(config["process"]), "prepare"):
+        raise InputError(f"process {config['process']!r} has no prepare(): it cannot prefetch")
+    rows: dict = {}
+    queue: deque = deque()
+    pending = iter(todo)
+    with ProcessPoolExecutor(max_workers=prefetch, initializer=_set_threads, initargs=(1,),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        def top_up():
+            for s in pending:
+                queue.append((s, pool.submit(prepare_task, config["process"], s.path,
+                                             s.modality, config["settings"])))
+                if len(queue) >= prefetch:
+                    return
+
+        top_up()
+        while queue:
+            s, fut = queue.popleft()
+            top_up()  # the next scans are read while this one is detected
+            rows[s.key] = run_scan(s.as_dict(), str(out_root), config, prepared=fut.result())
+            if bar:
+                bar.update(rows[s.key]["status"])
+            elif callable(progress):
+                progress(len(rows), len(todo))
+    return rows
+
+
+def prepare_task(process: str, path: str, modality: str, settings: dict):
+    """In a prefetch worker: the process's ``prepare``, or the exception it raised (re-raised by
+    :func:`run_scan`, so a bad scan becomes the same failed row as on the Dask path)."""
+    try:
+        return resolve_process(process).prepare(path, modality, dict(settings))
+    except Exception as exc:  # noqa: BLE001 - judged by run_scan, as on the Dask path
+        return exc
 
 
 def _submit_all(client, todo, out_root, config, retries, bar, progress) -> dict:
@@ -915,6 +1043,9 @@ def configure_parser(parser) -> None:
     parser.add_argument("--process", default="engine", metavar="SPEC",
                         help="per-scan function: 'engine' (default), 'blobs' (weight-free "
                              "plumbing check) or package.module:function / file.py:function")
+    parser.add_argument("--prefetch", type=int, default=0, metavar="N",
+                        help="no Dask: this process detects (one GPU or all cores) while N "
+                             "worker processes read and preprocess the next N scans")
     parser.add_argument("--benchmark", action="store_true",
                         help="instead of processing: time the first 8 scans with 1 and 2 "
                              "LocalCluster workers and print scans/min")
@@ -936,11 +1067,14 @@ def run_command(args) -> int:
                         settings=overrides)
         print(json.dumps(res, indent=2))
         return 0
+    if args.prefetch and args.scheduler:
+        raise InputError("--prefetch runs on this machine; it does not combine with --scheduler")
     rep = run_cohort(args.input, args.output_dir, modality=args.modality, settings=overrides,
                      scheduler=args.scheduler, workers=args.workers, process=process,
-                     retries=args.retries, threads=args.threads)
+                     retries=args.retries, threads=args.threads, prefetch=max(0, args.prefetch))
     print(f"{rep.count('done')} done, {rep.count('skipped')} skipped (already complete), "
           f"{rep.count('failed')} failed in {rep.elapsed_s:.1f} s; table: {rep.table}")
+    print(throughput_line(rep.summary))
     for r in rep.rows:
         if r["status"] == "failed":
             print(f"  failed: {r['scan']}: {r['reason']}", file=sys.stderr)
