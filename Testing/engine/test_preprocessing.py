@@ -31,6 +31,39 @@ def test_qsm_keeps_sign_paramagnetic_bright_diamagnetic_negative():
     assert n[10, 10, 10] > 0.5 and n[5, 5, 5] < -0.5
 
 
+@pytest.mark.parametrize("modality", ["qsm", "gre"])
+def test_iqr_scaling_ignores_how_many_veins_a_scan_holds(modality):
+    """A clinical QSM with fewer bright veins must not have its tissue contrast amplified: the
+    percentile scale follows the veins, the ``iqr`` scale does not."""
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(0.0, 1.0, (40, 40, 40)).astype(np.float32)
+    if modality == "gre":
+        tissue += 100.0
+    mask = np.ones(tissue.shape, bool)
+    vein = 30.0 if modality == "qsm" else 40.0
+    many, few = tissue.copy(), tissue.copy()
+    many.reshape(-1)[rng.choice(many.size, many.size // 50, replace=False)] = vein  # 2 %
+    few.reshape(-1)[rng.choice(few.size, few.size // 1000, replace=False)] = vein  # 0.1 %
+    spot = (20, 20, 20)
+    for a in (many, few):
+        a[spot] = 8.0 if modality == "qsm" else 92.0
+    pct = [normalise(a, mask, modality)[spot] for a in (many, few)]
+    iqr = [normalise(a, mask, modality, "iqr")[spot] for a in (many, few)]
+    assert pct[1] > 1.5 * pct[0]  # the defect: fewer veins, the same spot twice as bright
+    assert abs(iqr[1] - iqr[0]) < 0.05 * iqr[0]  # 2 % of veins move the quartiles ~3 %
+    assert iqr[0] > 0.5  # still a positive focus of about the percentile scale's size
+
+
+def test_normalisation_setting_is_checked_and_reaches_prepare(small_subject):
+    with pytest.raises(InputError, match="normalisation"):
+        DetectionSettings(normalisation="zscore").validate()
+    vol = small_subject.images["qsm"]
+    a = prepare(vol, "qsm", None, DetectionSettings()).image
+    b = prepare(vol, "qsm", None, DetectionSettings(normalisation="iqr")).image
+    assert a.shape == b.shape and not np.allclose(a, b)
+    assert abs(float(np.median(b[b != 0]))) < 0.05
+
+
 @pytest.mark.parametrize("bad,msg", [
     (np.zeros((10, 10)), "3D"),
     (np.zeros((30, 30, 30, 2)), "3D"),
