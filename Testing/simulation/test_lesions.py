@@ -236,3 +236,27 @@ def test_lesion_options_leave_the_rest_of_the_subject_alone():
         assert "target_visible_diameter_mm" not in c
     assert {c["shape"] for c in n.truth["cmbs"]} == {"lobulated"}
     assert not lesions.active(SimulationConfig().block("cmbs"))
+
+
+def test_subvoxel_box_of_a_large_source_on_a_fine_grid_terminates():
+    """Voxels finer than 0.5 mm cannot be sampled coarser: a box of more than 4 M voxels (a
+    large CMB's 40 mm reach on a 0.45 mm grid) once looped forever and hung a training run."""
+    import signal
+
+    from CMBDetectorLib.simulation.simulator import _Grid, _subvoxel_box
+
+    grid = _Grid((512, 512, 200), (0.45, 0.45, 0.45), np.eye(3), (0.0, 0.0, 0.0))
+
+    def hang(*_):
+        raise TimeoutError("_subvoxel_box did not return")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        lo, hi, n, shape, p = _subvoxel_box(grid, np.array([256.0, 256.0, 100.0]), 40.0, 0.2,
+                                            4.0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert np.all(n == 1) and np.prod(hi - lo) > 4e6
+    assert shape == tuple(int(x) for x in hi - lo)

@@ -573,8 +573,15 @@ def _subvoxel_box(grid: _Grid, c, reach: float, fine_mm: float, a: float):
     fmm = min(fmm, max(a / 2.0, 0.1)) if a < 2 * fmm else fmm
     n = np.maximum(1, np.ceil(grid.spacing / fmm).astype(int))
     while nvox * np.prod(n) > 4e6 and np.any(grid.spacing / n < 0.5):
-        n = np.maximum(1, np.ceil(grid.spacing / np.minimum(grid.spacing / n * 1.4, 0.5))
-                       .astype(int))
+        coarser = np.maximum(1, np.ceil(grid.spacing / np.minimum(grid.spacing / n * 1.4, 0.5))
+                             .astype(int))
+        if np.array_equal(coarser, n):
+            # the 1.4x step rounded back to the same count (voxels near or under 0.5 mm): one
+            # sample fewer where allowed; this looped forever and hung a training run
+            coarser = np.where((n > 1) & (grid.spacing / n < 0.5), n - 1, n)
+            if np.array_equal(coarser, n):
+                break
+        n = coarser
     ax = []
     for d in range(3):
         sub = (np.arange(n[d]) + 0.5) / n[d] - 0.5
