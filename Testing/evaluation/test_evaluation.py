@@ -255,7 +255,7 @@ def test_rating_criterion_scores_small_visible_lesions_apart():
     assert (r["n_ref"], r["tp"], r["fn"], r["fp"], r["n_pred"]) == (1, 0, 1, 1, 1)
     assert r["below_criterion"] == 1 and r["min_visible_diameter_mm"] == 2.0
     assert o["cluster_by_visible_size"]["<1.5 mm"] == {"n_ref": 1, "detected": 1, "tpr": 1.0}
-    assert o["cluster_by_visible_size"]["3-5 mm"]["detected"] == 0
+    assert o["cluster_by_visible_size"]["4-5 mm"]["detected"] == 0
     assert o["stages_rated"]["candidates"] == {"n_ref": 1, "detected": 0, "tpr": 0.0}
     assert "visible >= 2 mm (1 smaller left out)" in E.format_report(
         E.evaluate_subjects([case]))

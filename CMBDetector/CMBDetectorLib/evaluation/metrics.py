@@ -30,8 +30,9 @@ import numpy as np
 DEFAULT_DISTANCE_MM = 5.0
 #: default lesion-size bins on the *true diameter* (mm): [0, 3), [3, 5), [5, inf)
 DEFAULT_SIZE_BINS_MM = (3.0, 5.0)
-#: bins on the *visible* diameter (equivalent sphere of the labelled footprint on the image)
-VISIBLE_SIZE_BINS_MM = (1.5, 2.0, 3.0, 5.0)
+#: bins on the *visible* diameter (equivalent sphere of the labelled footprint on the image);
+#: the 4 mm edge gives the ">= 4 mm found" target its exact figure
+VISIBLE_SIZE_BINS_MM = (1.5, 2.0, 3.0, 4.0, 5.0)
 #: rating criterion: raters mark dark foci of roughly 2-10 mm on the image (Greenberg et al.,
 #: Lancet Neurol 2009). Simulated CMBs whose visible footprint is smaller are scored apart.
 DEFAULT_RATED_DIAMETER_MM = 2.0
