@@ -97,3 +97,21 @@ def test_auto_falls_back_to_the_cpu_when_cuda_is_present_but_unusable(monkeypatc
     with pytest.warns(RuntimeWarning):
         bundle = load_bundle(tiny_run[1], device="auto")
     assert bundle.device.type == "cpu" and "no kernel image" in bundle.notes[0]
+
+
+def test_a_working_cuda_device_runs_in_full_float32(monkeypatch):
+    """TF32 would round convolutions on the GPU to 10 mantissa bits; choosing CUDA turns it
+    off so CPU and GPU give the same confidences (the flags exist in CPU builds too)."""
+    from CMBDetectorLib.engine import models
+
+    monkeypatch.setattr(models, "cuda_problem", lambda: None)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32 = True, True
+        assert select_device("cpu").type == "cpu"
+        assert cudnn.allow_tf32  # the CPU path leaves the process alone
+        assert select_device("auto").type == "cuda"
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved

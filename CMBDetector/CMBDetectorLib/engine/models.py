@@ -102,6 +102,16 @@ def cuda_problem() -> str:
     return ""
 
 
+def disable_tf32() -> None:
+    """Full float32 on CUDA: TF32 convolutions and matmuls (on by default for cuDNN on Ampere
+    and newer) round to 10 mantissa bits, enough to move a confidence across the threshold, and
+    CPU and GPU must give the same lesions. The networks are small; the cost is negligible."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def select_device(preference: str = "auto", notes: list | None = None):
     """``auto``: CUDA when it works, else the CPU (with a warning, also appended to ``notes``,
     when a GPU is present but unusable); ``cuda`` fails clearly when it does not work."""
@@ -117,7 +127,10 @@ def select_device(preference: str = "auto", notes: list | None = None):
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         if notes is not None:
             notes.append(message)
-    return torch.device("cpu" if problem else "cuda")
+    if problem:
+        return torch.device("cpu")
+    disable_tf32()
+    return torch.device("cuda")
 
 
 def load_network(directory: Path, entry: dict, device):
