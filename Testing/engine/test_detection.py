@@ -189,3 +189,23 @@ def test_prepared_then_detected_equals_detect(run, tiny_bundle, low_settings):
     np.testing.assert_array_equal(other.brain_mask, res.brain_mask)
     assert set(other.timings) == set(res.timings)
     assert other.timings["preprocessing"] == prepared.preprocess_s > 0
+
+
+def test_the_fast_inference_form_of_the_bundle_finds_the_same_lesions_on_the_demo_scan():
+    """Folding batch norm and the channels-last layout must not change what the bundled
+    models find: same lesion set, confidences within 0.01."""
+    from pathlib import Path
+
+    from CMBDetectorLib.engine.models import load_bundle
+    from CMBDetectorLib.engine.volume import read_volume
+
+    demo = (Path(__file__).resolve().parents[2] / "CMBDetector" / "Resources" / "SampleData"
+            / "CMBDemo_SWI.nii.gz")
+    vol = read_volume(demo)
+    plain = detect(vol, "swi", models=load_bundle(device="cpu", optimise=False))
+    fast = detect(vol, "swi", models=load_bundle(device="cpu"))
+    assert len(plain.lesions()) >= 3  # the demo's CMBs are found at all
+    np.testing.assert_allclose([les.centroid_ras for les in fast.lesions()],
+                               [les.centroid_ras for les in plain.lesions()], atol=1e-3)
+    assert [les.confidence for les in fast.lesions()] == pytest.approx(
+        [les.confidence for les in plain.lesions()], abs=0.01)

@@ -94,3 +94,57 @@ def test_mirrored_scoring_is_the_mean_over_the_eight_mirror_images():
     np.testing.assert_allclose(mirrored, torch.stack(views).mean(0).numpy(), atol=1e-6)
     np.testing.assert_allclose(plain, views[0].numpy(), atol=1e-6)
     assert np.abs(mirrored - plain).max() > 1e-6  # the views do differ
+
+
+def _trained_looking(net, seed=0):
+    """Random weights and non-trivial batch-norm statistics (a fresh BatchNorm is the
+    identity, which would let a wrong fusion pass)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("make", [lambda: UNet3D(2, 4), lambda: Student(2, 4, 8)])
+def test_inference_form_computes_the_same_function_without_batch_norm(make):
+    import copy
+
+    from CMBDetectorLib.engine.inference import as_input
+    from CMBDetectorLib.engine.networks import for_inference
+
+    torch.manual_seed(0)
+    net = _trained_looking(make())
+    fast = for_inference(copy.deepcopy(net))
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    x = torch.randn(2, 2, 20, 22, 18, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = net(x), fast(as_input(fast, x))
+    assert out.shape == ref.shape
+    assert float((out - ref).abs().max()) < 1e-4
+    assert float(ref.abs().max()) > 0.01  # a real output, not zeros on both sides
+
+
+def test_batch_norm_is_folded_only_in_eval_mode():
+    from CMBDetectorLib.engine.networks import fuse_batchnorm
+
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_batchnorm(UNet3D(2, 4).train())
+
+
+def test_the_probability_map_of_the_inference_form_matches_and_is_c_contiguous():
+    import copy
+
+    from CMBDetectorLib.engine.networks import for_inference
+
+    net = _trained_looking(UNet3D(2, 4), seed=2)
+    x = np.random.default_rng(0).normal(size=(2, 24, 20, 28)).astype(np.float32)
+    ref = predict_volume(net, x, tile=192)
+    fast = predict_volume(for_inference(copy.deepcopy(net)), x, tile=192)
+    assert fast.flags.c_contiguous and fast.shape == ref.shape
+    assert np.abs(fast - ref).max() < 1e-5

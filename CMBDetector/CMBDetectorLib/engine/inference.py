@@ -44,13 +44,24 @@ def _device_of(net):
     return next(net.parameters()).device
 
 
+def as_input(net, t):
+    """``t`` on the network's device, channels-last when the network was prepared so
+    (:func:`~CMBDetectorLib.engine.networks.for_inference`)."""
+    import torch
+
+    t = t.to(_device_of(net))
+    if getattr(net, "channels_last", False):
+        t = t.contiguous(memory_format=torch.channels_last_3d)
+    return t
+
+
 def _forward_probability(net, x):
     import torch
 
-    device = _device_of(net)
     with torch.no_grad():
-        t = torch.from_numpy(x[None]).to(device)
-        return torch.softmax(net(t), 1)[0, 1].float().cpu().numpy()
+        t = as_input(net, torch.from_numpy(x[None]))
+        p = torch.softmax(net(t), 1)[0, 1].float().cpu().numpy()
+    return np.ascontiguousarray(p)
 
 
 def run_with_fallback(fn, net, *args):
@@ -148,11 +159,10 @@ MIRRORS = tuple(tuple(ax + 2 for ax in range(3) if n >> ax & 1) for n in range(8
 def _student_probabilities(net, patches, batch_size, mirrors=((),)):
     import torch
 
-    device = _device_of(net)
     probs = []
     with torch.no_grad():
         for s in range(0, len(patches), batch_size):
-            t = torch.from_numpy(patches[s:s + batch_size]).to(device)
+            t = as_input(net, torch.from_numpy(patches[s:s + batch_size]))
             p = sum(torch.softmax(net(torch.flip(t, dims) if dims else t), 1)[:, 1]
                     for dims in mirrors) / len(mirrors)
             probs.append(p.float().cpu().numpy())

@@ -133,10 +133,13 @@ def select_device(preference: str = "auto", notes: list | None = None):
     return torch.device("cuda")
 
 
-def load_network(directory: Path, entry: dict, device):
+def load_network(directory: Path, entry: dict, device, optimise: bool = True):
+    """One network of the bundle on ``device``, prepared for inference
+    (:func:`~CMBDetectorLib.engine.networks.for_inference`) unless ``optimise`` is False
+    (fine-tuning trains the loaded networks)."""
     import torch
 
-    from .networks import build
+    from .networks import build, for_inference
 
     net = build(entry["architecture"], entry["config"])
     try:
@@ -145,18 +148,21 @@ def load_network(directory: Path, entry: dict, device):
     except Exception as exc:  # corrupt file, wrong architecture
         raise ModelError(f"cannot load {directory / entry['file']}: {exc}".splitlines()[0]) \
             from None
-    return net.to(device).eval()
+    net = net.to(device).eval()
+    return for_inference(net) if optimise else net
 
 
-def load_bundle(directory=None, device: str = "auto") -> ModelBundle:
-    """Verify and load the detector and the student."""
+def load_bundle(directory=None, device: str = "auto", optimise: bool = True) -> ModelBundle:
+    """Verify and load the detector and the student (``optimise``: see
+    :func:`load_network`)."""
     directory = Path(directory or MODELS_DIR)
     manifest = verify(directory)
     notes: list = []
     dev = select_device(device, notes)
     entries = manifest["models"]
     try:
-        nets = [load_network(directory, entries[k], dev) for k in ("detector", "student")]
+        nets = [load_network(directory, entries[k], dev, optimise)
+                for k in ("detector", "student")]
     except RuntimeError as exc:  # e.g. CUDA out of memory while moving the weights
         if dev.type != "cuda" or device == "cuda":
             raise
@@ -167,7 +173,8 @@ def load_bundle(directory=None, device: str = "auto") -> ModelBundle:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         notes.append(message)
         dev = torch.device("cpu")
-        nets = [load_network(directory, entries[k], dev) for k in ("detector", "student")]
+        nets = [load_network(directory, entries[k], dev, optimise)
+                for k in ("detector", "student")]
     return ModelBundle(nets[0], nets[1], manifest, dev, directory, manifest.get("inference", {}),
                        notes)
 

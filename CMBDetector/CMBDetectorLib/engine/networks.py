@@ -139,5 +139,41 @@ def build(name: str, config: dict) -> nn.Module:
     return ARCHITECTURES[name](**config)
 
 
+def fuse_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm3d that follows a Conv3d into that convolution, in place.
+
+    Inference only (the model must be in eval mode; a fused model cannot be trained or saved
+    as a bundle file): in eval mode batch normalisation is a fixed per-channel affine map, so
+    the fused convolution computes the same function in one pass over the volume instead of
+    two (logits move by rounding, about 1e-5).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fuse_batchnorm needs a model in eval mode")
+    for block in model.modules():
+        if not isinstance(block, nn.Sequential):
+            continue
+        names = list(block._modules)
+        for a, b in zip(names, names[1:]):
+            conv, norm = block._modules[a], block._modules[b]
+            if isinstance(conv, nn.Conv3d) and isinstance(norm, nn.BatchNorm3d):
+                block._modules[a] = fuse_conv_bn_eval(conv, norm)
+                block._modules[b] = nn.Identity()
+    return model
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """The model as detection runs it: eval mode, batch normalisation folded into the
+    convolutions, weights in the channels-last 3D layout (which oneDNN and cuDNN run faster
+    for these narrow convolutions: 9.3 s -> 5.5 s for the detector on a 144x176x144 volume
+    on one CPU thread). :func:`~CMBDetectorLib.engine.inference.as_input` gives the inputs
+    the same layout."""
+    model = fuse_batchnorm(model.eval())
+    model = model.to(memory_format=torch.channels_last_3d)
+    model.channels_last = True
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

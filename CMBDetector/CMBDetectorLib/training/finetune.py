@@ -155,7 +155,7 @@ def finetune(folder, modality: str, out_dir, models_dir=None, steps: int = 300,
         raise InputError(f"unknown modality {modality!r}")
     pairs = find_pairs(folder)
     n_val = max(1, int(round(len(pairs) * val_fraction)))
-    bundle = load_bundle(models_dir or MODELS_DIR, device="cpu")
+    bundle = load_bundle(models_dir or MODELS_DIR, device="cpu", optimise=False)
     base = DetectionSettings.from_dict(dict(bundle.settings)) if bundle.settings else \
         DetectionSettings()
     cases = _read_cases(pairs, modality, base)
