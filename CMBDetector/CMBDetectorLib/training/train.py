@@ -91,6 +91,15 @@ class TrainConfig:
     #: intensity change (:func:`intensity_change`: gamma 0.7-1.4 and a histogram warp of the
     #: raw scan, seen through the scan's normalisation); 0 = off (the first bundled models).
     intensity_aug_prob: float = 0.0
+    #: A folder of earlier weights (``detector.pt``, ``teacher.pt``, ``student.pt``,
+    #: ``student_nokd.pt`` of the same architectures, e.g. ``docs/experiments/v20``): each
+    #: network this run trains starts from its file there instead of a random init, so a
+    #: later run continues an earlier one on more data. The sha256 of each file used goes to
+    #: ``logs/init_source.json`` and the manifest. Empty: random init.
+    init_weights: str = ""
+    #: Lowest candidate threshold: the candidate tables are made with it and the operating
+    #: point's candidate threshold is chosen at or above it.
+    candidate_floor: float = 0.1
     #: SimulationConfig overrides for pool A only (the detector's subjects), on top of
     #: ``sim_config``: e.g. ``{"cmb_dark_context": 0.5}`` places half of its CMBs against a
     #: dark structure. Pool B, validation and test keep the natural placement.
@@ -211,7 +220,8 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "swi_footprint_labels": False, "detector_large_voxels": 40,
                    "detector_large_extra": 0, "domains": False, "n_cross": 0,
                    "normalisation": "percentile", "frst_radii_mm": [1.0, 2.0, 3.0],
-                   "split_candidates": False, "intensity_aug_prob": 0.0}
+                   "split_candidates": False, "intensity_aug_prob": 0.0,
+                   "init_weights": "", "candidate_floor": 0.1}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 #: the modules that make the training cases (name in data_version.json -> file in the package)
@@ -476,6 +486,13 @@ def cosine_factor(step: int, steps: int, restarts=()) -> float:
     return 0.05
 
 
+def candidate_threshold_grid(floor: float = 0.1) -> list:
+    """Candidate thresholds to try, highest first: 0.5 down to 0.1 in steps of 0.05, then
+    0.05, 0.02 and 0.01 down to ``floor``."""
+    grid = [round(t, 2) for t in np.arange(0.5, 0.09, -0.05)] + [0.05, 0.02, 0.01]
+    return [t for t in grid if t >= floor - 1e-9] or [float(floor)]
+
+
 def fit(model, batches, steps: int, ckpt: Path, lr: float, every: int, label: str,
         loss_fn, seed: int, restarts=()):
     """Generic Adam loop with cosine decay (optionally restarted, see :func:`cosine_factor`);
@@ -697,6 +714,7 @@ class Run:
         cfg = self.cfg
         _set_seed(cfg.seed + 2)
         model = UNet3D(2, cfg.detector_base)
+        self._init_from(model, "detector")
         half = max(1, cfg.detector_batch // 2)
 
         def batches(rng):
@@ -739,6 +757,29 @@ class Run:
         self.path("logs", "detector_source.json").write_text(
             json.dumps({"copied_from": str(src), "sha256": sha}, indent=1))
 
+    def _init_from(self, model, name: str) -> None:
+        """Start ``model`` from ``init_weights/<name>.pt`` when the run has ``init_weights``
+        (a missing file or another architecture is an error, not a silent random init) and
+        record the file's sha256 in ``logs/init_source.json``."""
+        import hashlib
+
+        import torch
+
+        if not self.cfg.init_weights:
+            return
+        src = Path(self.cfg.init_weights) / f"{name}.pt"
+        if not src.is_file():
+            raise InputError(f"init_weights: {src} is not a file")
+        try:
+            model.load_state_dict(torch.load(src, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise InputError(f"init_weights: {src} does not fit this run's {name}: "
+                             f"{str(exc).splitlines()[0]}") from None
+        log = self.path("logs", "init_source.json")
+        record = json.loads(log.read_text()) if log.exists() else {}
+        record[name] = {"file": str(src), "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
+        log.write_text(json.dumps(record, indent=1))
+
     def load(self, name: str, arch: str, config: dict):
         import torch
 
@@ -753,9 +794,9 @@ class Run:
 
     # -- phase 3 ------------------------------------------------------------------------------
     def candidate_tables(self):
-        """Out-of-fold candidates on pool B with a low threshold (0.1); the operating candidate
-        threshold is chosen afterwards for the target sensitivity. Then the candidate tables
-        of the extra validation subjects (no patches)."""
+        """Out-of-fold candidates on pool B with a low threshold (``candidate_floor``); the
+        operating candidate threshold is chosen afterwards for the target sensitivity. Then
+        the candidate tables of the extra validation subjects (no patches)."""
         from .data import discriminator_patches
 
         path = self.path("banks", "candidates.npz")
@@ -788,7 +829,7 @@ class Run:
         from .data import candidate_table
 
         det = self.load("detector", "UNet3D", self.detector_config())
-        settings = self.cfg.prep_settings(candidate_threshold=0.1)
+        settings = self.cfg.prep_settings(candidate_threshold=self.cfg.candidate_floor)
         bar = ProgressBar(label)
         for n, (is_val, case) in enumerate(todo):
             yield is_val, case, candidate_table(case, det, settings)
@@ -845,6 +886,7 @@ class Run:
         x, seg, cls = self.disc_bank(False)
         _set_seed(self.cfg.seed + 5)
         model = Teacher(**self.teacher_config())
+        self._init_from(model, "teacher")
 
         def loss_fn(m, batch):
             xb, sb, cb = batch
@@ -874,6 +916,7 @@ class Run:
                 p.requires_grad_(False)
         _set_seed(self.cfg.seed + 7)  # same init and batches with and without distillation
         model = Student(**self.student_config())
+        self._init_from(model, name)
 
         def loss_fn(m, batch):
             xb, _, cb = batch
@@ -917,10 +960,10 @@ class Run:
         tp_pmax = np.concatenate([np.array(r["truth_detected_pmax"], float) for r in rows]) \
             if rows else np.zeros(0)
         n_truth = max(1, len(tp_pmax))
-        cand_t = 0.1
-        for t in np.arange(0.5, 0.09, -0.05):
+        cand_t = self.cfg.candidate_floor
+        for t in candidate_threshold_grid(self.cfg.candidate_floor):
             if (tp_pmax > t).sum() / n_truth >= self.cfg.target_candidate_tpr:
-                cand_t = float(round(t, 2))
+                cand_t = t
                 break
         # 2. student threshold and the clean-up's minimum volume and edge distance.
         from ..engine.settings import DetectionSettings
@@ -1029,6 +1072,9 @@ class Run:
                                  ", ".join(f"{k}={len(v)}" for k, v in self.seeds.items())},
             "operating_point_validation": {k: v for k, v in op.items() if k != "grid"},
         }
+        init = self.path("logs", "init_source.json")
+        if init.exists():  # the weights this run started from (see ``init_weights``)
+            manifest["training"]["initialised_from"] = json.loads(init.read_text())
         manifest.update(extra or {})
         return write_manifest(models_dir, manifest)
 
