@@ -84,3 +84,27 @@ def test_the_detector_phase_starts_from_init_weights(tmp_path, monkeypatch):
     run.train_detector()
     saved = torch.load(tmp_path / "run" / "weights" / "detector.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in earlier.state_dict().items())
+
+
+def test_students_side_by_side_equal_one_after_the_other(tiny_run, tmp_path):
+    """With two jobs the two students train in two processes; the weights are those of the
+    sequential phase (up to the rounding of another thread count)."""
+    import shutil
+
+    src, _ = tiny_run
+    shutil.copytree(src, tmp_path / "run")
+    for name in ("student", "student_nokd"):
+        (tmp_path / "run" / "weights" / f"{name}.pt").unlink()
+        (tmp_path / "run" / "ckpt" / f"{name}.ckpt").unlink()
+    run = Run(tmp_path / "run", TrainConfig.tiny())
+    run.jobs = 2
+    run.train_students()
+    for name in ("student", "student_nokd"):
+        new = torch.load(tmp_path / "run" / "weights" / f"{name}.pt", weights_only=True)
+        old = torch.load(src / "weights" / f"{name}.pt", weights_only=True)
+        assert new.keys() == old.keys()
+        for k in old:
+            assert torch.allclose(new[k].float(), old[k].float(), atol=1e-4), (name, k)
+    distilled = torch.load(tmp_path / "run" / "weights" / "student.pt", weights_only=True)
+    control = torch.load(tmp_path / "run" / "weights" / "student_nokd.pt", weights_only=True)
+    assert any(not torch.equal(distilled[k], control[k]) for k in distilled)  # two trainings
