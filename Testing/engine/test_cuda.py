@@ -121,3 +121,17 @@ def test_tf32_is_off_once_cuda_is_selected():
         assert not matmul.allow_tf32 and not cudnn.allow_tf32
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def test_the_radial_symmetry_transform_on_cuda_equals_the_numpy_one(small_subject):
+    """Detection on a GPU computes the FRST there (``prepare(..., device)``): the prepared
+    image is the CPU's and the FRST within 1e-4, so the bundled models need no retraining."""
+    from CMBDetectorLib.engine.preprocessing import prepare
+    from CMBDetectorLib.engine.settings import DetectionSettings
+
+    vol = small_subject.images["gre"]
+    cpu = prepare(vol, "gre", None, DetectionSettings())
+    gpu = prepare(vol, "gre", None, DetectionSettings(), device=torch.device("cuda"))
+    np.testing.assert_array_equal(gpu.image, cpu.image)
+    assert cpu.frst.max() > 0.01
+    np.testing.assert_allclose(gpu.frst, cpu.frst, atol=1e-4)

@@ -148,3 +148,24 @@ def test_the_probability_map_of_the_inference_form_matches_and_is_c_contiguous()
     fast = predict_volume(for_inference(copy.deepcopy(net)), x, tile=192)
     assert fast.flags.c_contiguous and fast.shape == ref.shape
     assert np.abs(fast - ref).max() < 1e-5
+
+
+def test_label_statistics_equal_scipys_on_a_random_map():
+    from scipy import ndimage as ndi
+
+    from CMBDetectorLib.engine.inference import STRUCTURE_26, label_statistics
+
+    rng = np.random.default_rng(4)
+    prob = ndi.gaussian_filter(rng.random((30, 26, 34)), 1.5).astype(np.float32)
+    binary = prob > np.quantile(prob, 0.9)
+    labels, n = ndi.label(binary, STRUCTURE_26)
+    labels[labels == 2] = 0  # a label may leave part of the thresholded map out
+    assert n > 3
+    counts, pmax, centroids = label_statistics(prob, binary, labels, n)
+    idx = np.arange(1, n + 1)
+    kept = idx != 2
+    np.testing.assert_array_equal(counts[kept], ndi.sum_labels(binary, labels, idx)[kept])
+    np.testing.assert_array_equal(pmax[kept], ndi.maximum(prob, labels, idx)[kept])
+    with np.errstate(invalid="ignore"):  # scipy divides by zero for the emptied label
+        reference = np.array(ndi.center_of_mass(prob * binary, labels, idx))
+    np.testing.assert_allclose(centroids[kept], reference[kept], rtol=0, atol=1e-9)

@@ -93,8 +93,15 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
     settings = (settings or default_settings(models)).validate()
 
     prog.stage("preprocessing")
-    prep, channels = _preprocess(volume, modality, mask, settings)
+    prep, channels = _preprocess(volume, modality, mask, settings, _preprocessing_device(models))
     return _networks_and_cleanup(volume, prep, channels, settings, models, prog)
+
+
+def _preprocessing_device(models):
+    """The GPU the networks run on, for the radial symmetry transform; None on the CPU,
+    where the numpy transform is the faster one."""
+    device = getattr(models, "device", None)
+    return device if getattr(device, "type", "") == "cuda" else None
 
 
 @dataclass
@@ -146,9 +153,9 @@ def detect_prepared(prepared: PreparedScan, models=None, progress=None,
                                  prepared.settings, models, prog)
 
 
-def _preprocess(volume: Volume, modality: str, mask, settings) -> tuple:
+def _preprocess(volume: Volume, modality: str, mask, settings, device=None) -> tuple:
     """``(Prepared, channels)``: the working-grid image and its FRST stacked for the networks."""
-    prep = prepare(volume, modality, mask, settings)
+    prep = prepare(volume, modality, mask, settings, device)
     return prep, np.stack([prep.image, prep.frst]).astype(np.float32)
 
 
@@ -235,7 +242,7 @@ def _to_input_grid(labels: Volume, volume: Volume, centres_ijk=None) -> np.ndarr
     out = resample(labels, None, "nearest", reference=ref).array.astype(np.int32)
     if centres_ijk is not None and len(centres_ijk):
         present = np.zeros(int(labels.array.max()) + 2, bool)
-        present[np.unique(out)] = True
+        present[:out.max() + 1] = np.bincount(out.ravel()) > 0  # linear, unlike np.unique
         shape = np.array(out.shape[::-1])
         for n, c in enumerate(np.rint(centres_ijk).astype(int), start=1):
             if not present[n] and np.all((c >= 0) & (c < shape)):

@@ -133,11 +133,26 @@ def extract_candidates(prob: np.ndarray, threshold: float, mask: np.ndarray | No
         labels, n = split_candidates(prob, labels, n, spacing_mm, **split)
     if n == 0:
         return labels.astype(np.int32), np.zeros(0), np.zeros(0), np.zeros((0, 3))
-    idx = np.arange(1, n + 1)
-    counts = ndi.sum_labels(binary, labels, idx)
-    pmax = ndi.maximum(prob, labels, idx)
-    centroids = np.array(ndi.center_of_mass(prob * binary, labels, idx)).reshape(-1, 3)
-    return labels.astype(np.int32), np.asarray(counts), np.asarray(pmax), centroids
+    counts, pmax, centroids = label_statistics(prob, binary, labels, n)
+    return labels.astype(np.int32), counts, pmax, centroids
+
+
+def label_statistics(prob: np.ndarray, binary: np.ndarray, labels: np.ndarray, n: int):
+    """Per label 1..n: voxels of ``binary``, max of ``prob`` and the ``prob * binary``-weighted
+    centroid ``(k, j, i)``, as ``ndi.sum_labels``, ``ndi.maximum`` and ``ndi.center_of_mass``
+    give them, computed over the labelled voxels only (``ndi.maximum`` sorts the whole
+    volume: 0.6 s of a 6 s detection)."""
+    where = np.nonzero(labels)
+    lab = labels[where].astype(np.intp)
+    counts = np.bincount(lab, binary[where].astype(np.float64), n + 1)[1:]
+    pmax = np.full(n + 1, -np.inf)
+    np.maximum.at(pmax, lab, prob[where].astype(np.float64))
+    weight = (prob[where] * binary[where]).astype(np.float64)
+    total = np.bincount(lab, weight, n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroids = np.stack([np.bincount(lab, weight * axis, n + 1)[1:] / total
+                              for axis in where], axis=1)
+    return counts, pmax[1:], centroids.reshape(-1, 3)
 
 
 def extract_patches(channels: np.ndarray, centres_kji: np.ndarray, size: int = 24) -> np.ndarray:
