@@ -42,3 +42,27 @@ def test_cuda_bench_skips_with_a_reason_without_cuda(capsys):
     assert main(["bench", "--device", "cuda", "--skip-location"]) == 0
     err = capsys.readouterr().err
     assert "skipped: --device cuda" in err and "CUDA" in err
+
+
+def test_cli_wall_times_a_real_detect_run_in_a_fresh_process(monkeypatch, small_subject):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(bench, "bench_volume", lambda shape, spacing: small_subject.images["swi"])
+    out = bench.cli_wall(next(iter(bench.CASES)), "cpu", repeats=1)
+    assert "error" not in out, out
+    assert out["wall_s"] > 0.5  # an interpreter start and a detection, not a no-op
+    assert out["runs_s"] == [out["wall_s"]]
+    text = bench.format_table({"detection": [], "cli": out,
+                               "frst": {"subvolume": "48^3", "vectorised_s": 0.01, "loop_s": 1.0,
+                                        "speedup": 100.0, "whole_brain_vectorised_s": 0.5,
+                                        "whole_brain_shape": [1, 2, 3]}})
+    assert f"{out['wall_s']} s" in text and "fresh process" in text
+
+
+def test_cli_wall_reports_a_failed_run(monkeypatch, tmp_path):
+    from CMBDetectorLib.engine.volume import Volume
+
+    # Not a brain: detection refuses it with a one-line error, which the bench reports.
+    monkeypatch.setattr(bench, "bench_volume", lambda shape, spacing: Volume.from_arrays(
+        np.zeros((20, 20, 20), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    out = bench.cli_wall(next(iter(bench.CASES)), "cpu", repeats=1)
+    assert "wall_s" not in out and out["error"]
