@@ -34,3 +34,31 @@ def test_edge_distance_and_verdicts():
     assert verdicts([1.0, 30, 30, 30, 600], [0, 0, 0.9, 0, 0], [1, 30, 30, 30, 600],
                     [10, 10, 10, 1, 10], s) == ["too small", "", "elongated", "brain edge",
                                                 "too large"]
+
+
+def test_edge_distance_equals_the_distance_transform_at_every_voxel_kind():
+    """Irregular mask, anisotropic voxels, centres inside, outside, at the array border and
+    rounded from sub-voxel positions: the same values as the whole-volume transform."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(7)
+    mask = ndi.gaussian_filter(rng.random((26, 30, 22)), 2.0) > 0.5
+    mask[:, :, 0] = True  # the mask reaches the array border
+    assert 0.2 < mask.mean() < 0.8
+    spacing = (0.8, 1.1, 2.0)  # (i, j, k)
+    centres = np.concatenate([rng.uniform(0, 1, (200, 3)) * (np.array(mask.shape) - 1),
+                              [[0, 0, 0], [25, 29, 21], [13, 15, 0]]])
+    ref = ndi.distance_transform_edt(mask, sampling=np.array(spacing)[::-1])
+    idx = np.rint(centres).astype(int)
+    expected = ref[idx[:, 0], idx[:, 1], idx[:, 2]]
+    assert (expected > 2.0).sum() > 10  # deep centres are part of the check
+    np.testing.assert_allclose(edge_distance(mask, centres, spacing), expected, atol=1e-9)
+
+
+def test_edge_distance_of_a_mask_without_outside_keeps_the_transforms_convention():
+    from scipy import ndimage as ndi
+
+    mask = np.ones((6, 7, 8), bool)
+    c = np.array([[3.0, 3.0, 3.0]])
+    np.testing.assert_array_equal(edge_distance(mask, c, (1, 1, 1)),
+                                  ndi.distance_transform_edt(mask)[3:4, 3, 3])
