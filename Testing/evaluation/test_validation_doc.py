@@ -201,3 +201,18 @@ def test_runs_without_the_cross_domain_split(tiny_run, tmp_path):
     assert "## Results on the test split" in legacy and "Cross-domain" not in legacy
     assert "The simulator warps one template brain" in legacy
     assert not (tmp_path / "legacy" / "froc_cross_domain.png").exists()
+
+
+def test_a_kept_runs_document_names_its_own_bundles_command(tiny_run, tmp_path):
+    """A run kept beside the shipped set (docs/experiments/vNN) documents its own manifest's
+    command, not the bundled one's."""
+    import json
+
+    run = _domain_run(tiny_run, tmp_path)
+    manifest = tmp_path / "kept" / "manifest.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"training": {
+        "command": "cmbdetector train --run-dir runs/kept --export", "overrides": {}}}))
+    text = V.build(run, tmp_path / "docs", manifest)
+    assert "`cmbdetector train --run-dir runs/kept --export`" in text
+    assert "runs/kept" not in V.build(run, tmp_path / "docs2")

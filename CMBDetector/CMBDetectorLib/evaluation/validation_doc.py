@@ -145,14 +145,15 @@ def _read_split(run_dir: Path, folder: str) -> dict | None:
             for k, _ in CLASSIFIERS if (base / k / "evaluation.json").exists()}
 
 
-def _read_run(run_dir: Path) -> tuple:
-    """The run's evaluations, config and operating point, plus the bundled manifest ({} if none)."""
+def _read_run(run_dir: Path, manifest_path=None) -> tuple:
+    """The run's evaluations, config and operating point, plus the manifest of the bundle it
+    exported (default: the bundled one; {} if none)."""
     ev = {k: json.loads((run_dir / "eval" / k / "evaluation.json").read_text())
           for k, _ in CLASSIFIERS}
     cfg = json.loads((run_dir / "config.json").read_text())
     op = json.loads((run_dir / "operating_point.json").read_text())
-    manifest_path = Path(__file__).resolve().parents[2] / "Resources" / "Models" / \
-        "manifest.json"
+    manifest_path = Path(manifest_path) if manifest_path else \
+        Path(__file__).resolve().parents[2] / "Resources" / "Models" / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     return ev, cfg, op, manifest
 
@@ -764,10 +765,12 @@ def _domain_lines(run_dir: Path, docs_dir: Path, ev: dict, cfg: dict, op: dict,
     return L + _kd_lines(run_dir, present, cfg, manifest) + _domain_limits_lines()
 
 
-def build(run_dir, docs_dir) -> str:
-    """Write ``docs_dir/VALIDATION.md`` (and the FROC plots) from ``run_dir``; returns the text."""
+def build(run_dir, docs_dir, manifest_path=None) -> str:
+    """Write ``docs_dir/VALIDATION.md`` (and the FROC plots) from ``run_dir``; returns the text.
+    ``manifest_path``: the manifest of the bundle the run exported, when it is not the
+    bundled one (a run kept beside the shipped set)."""
     run_dir, docs_dir = Path(run_dir), Path(docs_dir)
-    ev, cfg, op, manifest = _read_run(run_dir)
+    ev, cfg, op, manifest = _read_run(run_dir, manifest_path)
     docs_dir.mkdir(parents=True, exist_ok=True)
     lines = _domain_lines if cfg.get("domains") else _legacy_lines
     text = "\n".join(lines(run_dir, docs_dir, ev, cfg, op, manifest))
@@ -776,4 +779,4 @@ def build(run_dir, docs_dir) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    build(sys.argv[1], sys.argv[2])
+    build(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
