@@ -158,3 +158,38 @@ def test_missing_weights_clear_error(scan, tmp_path):
     r = cli("detect", scan, "--modality", "swi", "--output-dir", tmp_path / "o", "--models",
             tmp_path)
     assert r.returncode == 1 and "no trained weights" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_altered_weights_stop_the_run_once_with_nothing_written(scan, tmp_path, low_models):
+    """The weights are checked in a thread while the first scan is read and prepared; a
+    failed check still ends the run with one error, not one failure per scan."""
+    import shutil
+
+    bad = tmp_path / "bad_models"
+    shutil.copytree(low_models, bad)
+    with open(bad / "detector.pt", "ab") as fh:
+        fh.write(b"tampered")
+    out = tmp_path / "o"
+    r = cli("detect", scan, scan, "--modality", "swi", "--output-dir", out, "--models", bad,
+            "--quiet")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.count("sha256") == 1 and "scan(s) failed" not in r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_first_scan_prepared_while_loading_equals_detect(scan, low_models, outputs):
+    """The first scan goes through prepare_scan + detect_prepared, the others through detect:
+    the same scan twice gives the same lesion table."""
+    out, _ = outputs
+    r = cli("detect", scan, "--modality", "swi", "--output-dir", out.parent / "again",
+            "--models", low_models, "--quiet")
+    assert r.returncode == 0, r.stderr
+    from CMBDetectorLib.engine.detection import detect
+    from CMBDetectorLib.engine.models import load_bundle
+    from CMBDetectorLib.engine.volume import read_volume
+
+    res = detect(read_volume(scan), "swi", models=load_bundle(low_models, device="cpu"))
+    rows = list(csv.DictReader(open(out.parent / "again" / "good_swi_lesions.csv")))
+    assert len(rows) == len(res.lesions()) > 0
+    np.testing.assert_allclose([float(r["confidence"]) for r in rows],
+                               [les.confidence for les in res.lesions()], atol=5e-5)  # 4 decimals
