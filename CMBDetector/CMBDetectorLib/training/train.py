@@ -486,6 +486,24 @@ def cosine_factor(step: int, steps: int, restarts=()) -> float:
     return 0.05
 
 
+def load_checked(model, src: Path, setting: str, what: str) -> str:
+    """Load the state dict ``src`` into ``model``; a missing file or one that does not fit
+    is a one-line :class:`InputError` naming ``setting`` (never a silent random init).
+    Returns the file's sha256."""
+    import hashlib
+
+    import torch
+
+    if not src.is_file():
+        raise InputError(f"{setting}: {src} is not a file")
+    try:
+        model.load_state_dict(torch.load(src, map_location="cpu", weights_only=True))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise InputError(f"{setting}: {src} does not fit {what}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return hashlib.sha256(src.read_bytes()).hexdigest()
+
+
 def candidate_threshold_grid(floor: float = 0.1) -> list:
     """Candidate thresholds to try, highest first: 0.5 down to 0.1 in steps of 0.05, then
     0.05, 0.02 and 0.01 down to ``floor``."""
@@ -738,26 +756,16 @@ class Run:
     def _reuse_detector(self, out: Path) -> None:
         """Copy ``detector_weights`` into the run after checking that it loads into this
         run's detector architecture; its sha256 goes to ``logs/detector_source.json``."""
-        import hashlib
         import shutil
-
-        import torch
 
         from ..engine.networks import build
 
         src = Path(self.cfg.detector_weights)
-        if not src.is_file():
-            raise InputError(f"detector_weights: {src} is not a file")
-        try:
-            build("UNet3D", self.detector_config()).load_state_dict(
-                torch.load(src, weights_only=True))
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise InputError(f"detector_weights: {src} does not fit a UNet3D of base "
-                             f"{self.cfg.detector_base}: {str(exc).splitlines()[0]}") from None
+        sha = load_checked(build("UNet3D", self.detector_config()), src, "detector_weights",
+                           f"a UNet3D of base {self.cfg.detector_base}")
         tmp = out.with_suffix(".tmp")
         shutil.copyfile(src, tmp)
         os.replace(tmp, out)
-        sha = hashlib.sha256(out.read_bytes()).hexdigest()
         self.path("logs", "detector_source.json").write_text(
             json.dumps({"copied_from": str(src), "sha256": sha}, indent=1))
 
@@ -765,23 +773,13 @@ class Run:
         """Start ``model`` from ``init_weights/<name>.pt`` when the run has ``init_weights``
         (a missing file or another architecture is an error, not a silent random init) and
         record the file's sha256 in ``logs/init_source.json``."""
-        import hashlib
-
-        import torch
-
         if not self.cfg.init_weights:
             return
         src = Path(self.cfg.init_weights) / f"{name}.pt"
-        if not src.is_file():
-            raise InputError(f"init_weights: {src} is not a file")
-        try:
-            model.load_state_dict(torch.load(src, map_location="cpu", weights_only=True))
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise InputError(f"init_weights: {src} does not fit this run's {name}: "
-                             f"{str(exc).splitlines()[0]}") from None
+        sha = load_checked(model, src, "init_weights", f"this run's {name}")
         log = self.path("logs", "init_source.json")
         record = json.loads(log.read_text()) if log.exists() else {}
-        record[name] = {"file": str(src), "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
+        record[name] = {"file": str(src), "sha256": sha}
         log.write_text(json.dumps(record, indent=1))
 
     def load(self, name: str, arch: str, config: dict):
