@@ -54,12 +54,12 @@ def edge_distance(mask: np.ndarray, centres_kji: np.ndarray, spacing_mm) -> np.n
     mask = np.asarray(mask, bool)
     sampling = np.asarray(spacing_mm, float)[::-1]  # (k, j, i)
     idx = np.clip(np.rint(centres_kji).astype(int), 0, np.array(mask.shape) - 1)
-    inside = mask[idx[:, 0], idx[:, 1], idx[:, 2]]
     shell = ndi.binary_dilation(mask, np.ones((3, 3, 3), bool)) & ~mask
-    out = np.zeros(len(idx))
     if not shell.any():  # no voxel outside the mask: the transform's own convention
         dist = ndi.distance_transform_edt(mask, sampling=sampling)
         return dist[idx[:, 0], idx[:, 1], idx[:, 2]]
+    inside = mask[idx[:, 0], idx[:, 1], idx[:, 2]]
+    out = np.zeros(len(idx))  # outside the mask: 0, as the transform gives
     if inside.any():
         tree = cKDTree(np.argwhere(shell) * sampling)
         out[inside] = tree.query(idx[inside] * sampling)[0]

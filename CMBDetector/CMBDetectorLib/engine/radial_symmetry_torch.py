@@ -4,12 +4,11 @@ The same computation as :func:`~CMBDetectorLib.engine.radial_symmetry.frst`, ste
 (float32 gradients as ``np.gradient`` takes them, float64 vote positions rounded half to
 even, float64 vote sums, scipy's Gaussian kernel with its ``reflect`` border), so the map
 agrees with the numpy reference within float32 rounding of the smoothing (about 1e-6) and
-the bundled models need no retraining. On the CPU torch's threads share the work; on a GPU
-the volume never leaves it between resampling and the networks.
+the bundled models need no retraining. It is for the GPU: on a CPU the numpy transform is
+faster (1.0 s against 4.9 s for a 144x204x174 brain), so ``prepare`` uses this one only when
+the networks run on CUDA.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
