@@ -209,3 +209,15 @@ def test_the_fast_inference_form_of_the_bundle_finds_the_same_lesions_on_the_dem
                                [les.centroid_ras for les in plain.lesions()], atol=1e-3)
     assert [les.confidence for les in fast.lesions()] == pytest.approx(
         [les.confidence for les in plain.lesions()], abs=0.01)
+
+
+def test_the_manifest_inference_block_gives_the_bundles_settings(tiny_bundle, tiny_run):
+    """The CLI takes the operating point from the manifest before the networks load: the
+    same settings as from the loaded bundle."""
+    from CMBDetectorLib.engine.detection import default_settings
+    from CMBDetectorLib.engine.models import read_manifest
+
+    block = read_manifest(tiny_run[1]).get("inference", {})
+    assert block  # the tiny bundle has an operating point
+    assert default_settings(block, threshold=0.3) == default_settings(tiny_bundle, threshold=0.3)
+    assert default_settings(block) == default_settings(tiny_bundle)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -112,8 +111,8 @@ def run_command(args) -> int:
     # torch is imported and the weights are verified and loaded in a thread (about 1.2 s of
     # start-up on 2 cores, overlapped with reading and preprocessing). That scan's radial
     # symmetry transform is the CPU one; later scans compute it where the networks run.
-    manifest = SimpleNamespace(settings=read_manifest(args.models).get("inference", {}))
-    settings = default_settings(manifest, threshold=args.threshold, device=args.device)
+    settings = default_settings(read_manifest(args.models).get("inference", {}),
+                                threshold=args.threshold, device=args.device)
     failures = 0
     with ThreadPoolExecutor(1) as pool:
         loading = pool.submit(load_bundle, args.models, device=args.device)

@@ -59,9 +59,11 @@ class _Progress:
 def default_settings(models=None, **overrides) -> DetectionSettings:
     """Settings with the operating point the bundled models were validated at, then overrides.
 
-    An explicit ``threshold`` applies to every modality (it replaces the models' per-modality
-    thresholds)."""
-    base = dict(getattr(models, "settings", None) or {})
+    ``models``: a loaded bundle, or its manifest's ``inference`` block (the operating point
+    without loading the networks). An explicit ``threshold`` applies to every modality (it
+    replaces the models' per-modality thresholds)."""
+    point = models if isinstance(models, dict) else getattr(models, "settings", None)
+    base = dict(point or {})
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "threshold" in overrides and "modality_thresholds" not in overrides:
         base.pop("modality_thresholds", None)
