@@ -582,3 +582,29 @@ def test_swi_cases_take_the_swi_footprint_labels_when_asked(tmp_path, monkeypatc
     Run(tmp_path, cfg).build_subject("pool_b_train", subject_seeds(cfg)["pool_b_train"][0])
     assert seen == {"swi": "swi label" if flag else "gre label", "gre": "gre label",
                     "qsm": "gre label"}
+
+
+def test_negative_weights_set_the_share_of_each_kind(tmp_path):
+    from CMBDetectorLib.training.data import PATCH_KINDS
+
+    calc, other = PATCH_KINDS.index("calcification"), PATCH_KINDS.index("other")
+    kind = np.array([0] * 5 + [other] * 90 + [calc] * 10, np.int8)
+    neg = np.flatnonzero(kind != 0)
+    assert Run(tmp_path / "u", TrainConfig.tiny()).negative_probabilities(kind, neg) is None
+    cfg = TrainConfig.tiny()
+    cfg.negative_weights = {"calcification": 9.0}
+    run = Run(tmp_path / "w", cfg)
+    p = run.negative_probabilities(kind, neg)
+    assert p.sum() == pytest.approx(1.0)
+    assert p[kind[neg] == calc].sum() == pytest.approx(0.5)  # 10 x 9 against 90 x 1
+    with pytest.raises(InputError, match="candidates phase"):
+        run.negative_probabilities(None, neg)  # a bank made before patches had kinds
+    cfg.negative_weights = {"calcifications": 2.0}
+    with pytest.raises(InputError, match="unknown patch kind"):
+        Run(tmp_path / "x", cfg).negative_probabilities(kind, neg)
+
+
+def test_tiny_run_bank_records_patch_kinds(tiny_run):
+    z = np.load(tiny_run[0] / "banks" / "candidates.npz")
+    assert len(z["kind"]) == len(z["cls"])
+    assert np.array_equal(z["kind"] == 0, z["cls"] == 1)

@@ -100,3 +100,35 @@ def test_large_cmbs_get_extra_detector_patches():
     _, _, kinds_off = detector_patches(case, np.random.default_rng(0), size=32, n_rand=2,
                                        large_voxels=200, large_extra=3)
     assert (kinds_off == 1).sum() == 2      # no CMB has 200 voxels
+
+
+def test_typed_mimic_negatives_are_the_same_draws_with_their_types():
+    from CMBDetectorLib.training.data import typed_mimic_negatives
+
+    case = _case_with_u_vein()
+    for seed in range(5):
+        pts, types = typed_mimic_negatives(case, np.random.default_rng(seed))
+        assert np.array_equal(pts, mimic_negatives(case, np.random.default_rng(seed)))
+        assert len(types) == len(pts)
+        for p, t in zip(pts, types):
+            label = case.mimics[tuple(np.rint(p).astype(int))]
+            if label:  # a point on a mimic carries that mimic's type
+                assert t == case.mimic_types[int(label)]
+        assert "calcification" in types
+
+
+def test_discriminator_patches_carry_their_kind():
+    from CMBDetectorLib.training.data import PATCH_KINDS, discriminator_patches
+
+    case = _case_with_u_vein()
+    table = {"centres": np.array([[10.0, 29.0, 18.0], [3.0, 3.0, 3.0], [15.0, 20.0, 20.0]]),
+             "pmax": np.array([0.9, 0.8, 0.7]), "is_cmb": np.array([True, False, False]),
+             "mimic": ["", "calcification", ""]}
+    x, seg, cls, kind = discriminator_patches(case, table, np.random.default_rng(0), size=8)
+    assert len(x) == len(seg) == len(cls) == len(kind)
+    names = [PATCH_KINDS[k] for k in kind]
+    # candidates first (the CMB, then negatives by probability), then the true centre, then mimics
+    assert names[:4] == ["cmb", "calcification", "other", "cmb"]
+    assert list(cls[:4]) == [1, 0, 0, 1]
+    assert set(names[4:]) <= {"vein", "calcification"} and "vein" in names[4:]
+    assert all((c == 1) == (n == "cmb") for c, n in zip(cls, names))

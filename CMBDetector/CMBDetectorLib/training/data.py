@@ -223,30 +223,45 @@ def candidate_table(case: Case, detector, settings: DetectionSettings):
             "truth_detected": truth_hit}
 
 
+#: What a discriminator patch shows (the bank's ``kind``): a CMB, a false candidate on no
+#: mimic, or one of the simulator's mimic types. Training may draw the mimics more often.
+PATCH_KINDS = ("cmb", "other", "vein", "calcification", "iron", "air_dropout")
+
+
+def kind_code(mimic_type: str) -> int:
+    """:data:`PATCH_KINDS` index of a negative on ``mimic_type`` ("" or unknown: "other")."""
+    return PATCH_KINDS.index(mimic_type) if mimic_type in PATCH_KINDS[2:] else 1
+
+
 def discriminator_patches(case: Case, table: dict, rng: np.random.Generator, size: int = 24,
                           max_neg: int = 60):
     """Patches for the teacher/student: all detector candidates (negatives capped at
-    ``max_neg``, hard ones first), every true CMB centre, and every mimic centre."""
-    centres, cls = [], []
+    ``max_neg``, hard ones first), every true CMB centre, and every mimic centre. Returns
+    (x, seg, cls, kind), ``kind`` indexing :data:`PATCH_KINDS`."""
+    centres, cls, kind = [], [], []
     c = table["centres"]
     pos = np.flatnonzero(table["is_cmb"])
     neg = np.flatnonzero(~table["is_cmb"])
     neg = neg[np.argsort(-table["pmax"][neg])][:max_neg]
     centres += [c[i] for i in pos] + [c[i] for i in neg]
     cls += [1] * len(pos) + [0] * len(neg)
+    kind += [0] * len(pos) + [kind_code(table["mimic"][i]) for i in neg]
     centres += list(case.truth_centres)
     cls += [1] * len(case.truth_centres)
-    mimic_centres = mimic_negatives(case, rng)
+    kind += [0] * len(case.truth_centres)
+    mimic_centres, mimic_kinds = typed_mimic_negatives(case, rng)
     centres += list(mimic_centres)
     cls += [0] * len(mimic_centres)
+    kind += [kind_code(t) for t in mimic_kinds]
     if not centres:
         return (np.zeros((0, 2, size, size, size), np.float16),
-                np.zeros((0, size, size, size), np.uint8), np.zeros(0, np.int8))
+                np.zeros((0, size, size, size), np.uint8), np.zeros(0, np.int8),
+                np.zeros(0, np.int8))
     centres = np.array(centres, float)
     channels = np.stack([case.image, case.frst])
     x = extract_patches(channels, centres, size).astype(np.float16)
     seg = extract_patches((case.labels > 0).astype(np.float32)[None], centres, size)[:, 0]
-    return x, seg.astype(np.uint8), np.array(cls, np.int8)
+    return x, seg.astype(np.uint8), np.array(cls, np.int8), np.array(kind, np.int8)
 
 
 def mimic_negatives(case: Case, rng: np.random.Generator, per_vein: int = 3,
@@ -254,8 +269,14 @@ def mimic_negatives(case: Case, rng: np.random.Generator, per_vein: int = 3,
     """Hard-negative centres on the mimics: each mimic's centre of mass plus random points
     *along* each vein (a curved vein's centre of mass can lie off the vein, and detectors fire
     anywhere along it), none within ``min_dist_mm`` of a true CMB."""
+    return typed_mimic_negatives(case, rng, per_vein, max_total, min_dist_mm)[0]
+
+
+def typed_mimic_negatives(case: Case, rng: np.random.Generator, per_vein: int = 3,
+                          max_total: int = 40, min_dist_mm: float = 3.0) -> tuple:
+    """:func:`mimic_negatives` and the mimic type of each centre (same draws from ``rng``)."""
     if not case.mimics.any():
-        return np.zeros((0, 3))
+        return np.zeros((0, 3)), []
     spacing = case.spacing_kji
     ids = np.unique(case.mimics)[1:]
     objs = ndi.find_objects(case.mimics.astype(np.int32))
@@ -266,15 +287,17 @@ def mimic_negatives(case: Case, rng: np.random.Generator, per_vein: int = 3,
             continue
         pts = np.argwhere(case.mimics[sl] == m) + np.array([s.start for s in sl])
         picks = [pts.mean(0)]
-        if case.mimic_types.get(int(m)) == "vein":
+        mtype = case.mimic_types.get(int(m), "mimic")
+        if mtype == "vein":
             picks += list(pts[rng.choice(len(pts), min(per_vein, len(pts)), replace=False)])
         for c in picks:
             if len(case.truth_centres) and np.min(np.linalg.norm(
                     (case.truth_centres - c) * spacing, axis=1)) < min_dist_mm:
                 continue
-            out.append(np.asarray(c, float))
-    rng.shuffle(out)
-    return np.array(out[:max_total]).reshape(-1, 3)
+            out.append((np.asarray(c, float), mtype))
+    order = rng.permutation(len(out))  # the same draw as shuffling the list in place
+    out = [out[i] for i in order][:max_total]
+    return np.array([c for c, _ in out]).reshape(-1, 3), [t for _, t in out]
 
 
 def component_count(labels: np.ndarray) -> int:

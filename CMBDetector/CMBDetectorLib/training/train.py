@@ -150,6 +150,12 @@ class TrainConfig:
     #: 6,000 raised its mirror-averaged validation AUC from 0.987 to 0.990).
     teacher_steps: int = 6000
     disc_batch: int = 16
+    #: Relative chance of drawing a negative discriminator patch of each kind
+    #: (:data:`~CMBDetectorLib.training.data.PATCH_KINDS`; 1 where not listed), e.g.
+    #: ``{"calcification": 8}``: on GRE magnitude a calcification looks like a CMB but for its
+    #: site, and drawn uniformly it was 2 % of the negatives (v21: all 16 GRE false positives
+    #: of the selection set were calcifications). Empty: uniform, as before.
+    negative_weights: dict = field(default_factory=dict)
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     lr: float = 1e-3
@@ -221,7 +227,7 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "detector_large_extra": 0, "domains": False, "n_cross": 0,
                    "normalisation": "percentile", "frst_radii_mm": [1.0, 2.0, 3.0],
                    "split_candidates": False, "intensity_aug_prob": 0.0,
-                   "init_weights": "", "candidate_floor": 0.1}
+                   "init_weights": "", "candidate_floor": 0.1, "negative_weights": {}}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 #: the modules that make the training cases (name in data_version.json -> file in the package)
@@ -804,17 +810,17 @@ class Run:
         path = self.path("banks", "candidates.npz")
         if not path.exists():
             rng = np.random.default_rng(self.cfg.seed + 4)
-            xs, segs, cls, subj, rows = [], [], [], [], []
+            xs, segs, cls, kinds, subj, rows = [], [], [], [], [], []
             splits = [("pool_b_train", 0), ("pool_b_val", 1)]
             todo = ((v, c) for sp, v in splits for c in self.cases(sp))  # one case in RAM
             total = sum(len(self.seeds[sp]) for sp, _ in splits) * len(self.cfg.modalities)
             for n, (is_val, case, tab) in enumerate(self._tables(todo, total, "candidates")):
                 rows.append(_candidate_row(case, tab, is_val))
-                x, s, c = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
-                xs.append(x), segs.append(s), cls.append(c)
+                x, s, c, k = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
+                xs.append(x), segs.append(s), cls.append(c), kinds.append(k)
                 subj += [n * 2 + is_val] * len(c)
             np.savez(path, x=np.concatenate(xs), seg=np.concatenate(segs),
-                     cls=np.concatenate(cls), subj=np.array(subj))
+                     cls=np.concatenate(cls), kind=np.concatenate(kinds), subj=np.array(subj))
             self.path("banks", "candidates.json").write_text(json.dumps(rows))
         extra = self.path("banks", "val_extra.json")
         if self.cfg.n_val_extra and not extra.exists():
@@ -854,18 +860,42 @@ class Run:
 
     # -- phase 4/5 ----------------------------------------------------------------------------
     def disc_bank(self, val: bool):
+        """(x, seg, cls, kind) of the training (or validation) subjects' patches; ``kind`` is
+        None in a bank made before patches had kinds."""
         z = np.load(self.path("banks", "candidates.npz"))
         keep = (z["subj"] % 2 == 1) if val else (z["subj"] % 2 == 0)
-        return z["x"][keep], z["seg"][keep], z["cls"][keep].astype(np.int64)
+        kind = z["kind"][keep] if "kind" in z.files else None
+        return z["x"][keep], z["seg"][keep], z["cls"][keep].astype(np.int64), kind
 
-    def _disc_batches(self, x, seg, cls):
+    def negative_probabilities(self, kind, neg: np.ndarray):
+        """Drawing probabilities of the negatives ``neg`` under ``negative_weights`` (None:
+        uniform, drawn exactly as before the setting existed)."""
+        from .data import PATCH_KINDS
+
+        weights = self.cfg.negative_weights
+        if not weights:
+            return None
+        unknown = sorted(set(weights) - set(PATCH_KINDS[1:]))
+        if unknown:
+            raise InputError(f"negative_weights: unknown patch kind(s) {unknown}; "
+                             f"known: {', '.join(PATCH_KINDS[1:])}")
+        if kind is None:
+            raise InputError("negative_weights needs a candidate bank with patch kinds: delete "
+                             f"{self.path('banks', 'candidates.npz')} and rerun the candidates phase")
+        table = np.array([float(weights.get(k, 1.0)) for k in PATCH_KINDS])
+        w = table[kind[neg]]
+        return w / w.sum()
+
+    def _disc_batches(self, x, seg, cls, kind=None):
         import torch
 
         pos, neg = np.flatnonzero(cls == 1), np.flatnonzero(cls == 0)
         half = self.cfg.disc_batch // 2
+        p_neg = self.negative_probabilities(kind, neg)
 
         def batches(rng):
-            idx = np.concatenate([rng.choice(pos, half), rng.choice(neg, self.cfg.disc_batch - half)])
+            idx = np.concatenate([rng.choice(pos, half),
+                                  rng.choice(neg, self.cfg.disc_batch - half, p=p_neg)])
             xb, sb = zip(*(augment_patch(x[i], seg[i], rng, self.cfg.frst_radii_mm,
                                          self.cfg.intensity_aug_prob) for i in idx))
             return (torch.from_numpy(np.stack(xb)), torch.from_numpy(np.stack(sb).astype(np.int64)),
@@ -887,7 +917,7 @@ class Run:
         out = self.path("weights", "teacher.pt")
         if out.exists():
             return
-        x, seg, cls = self.disc_bank(False)
+        x, seg, cls, kind = self.disc_bank(False)
         _set_seed(self.cfg.seed + 5)
         model = Teacher(**self.teacher_config())
         self._init_from(model, "teacher")
@@ -897,7 +927,7 @@ class Run:
             c_logits, s_logits = m(xb)
             return F.cross_entropy(c_logits, cb) + dice_ce_loss(s_logits, sb)
 
-        fit(model, self._disc_batches(x, seg, cls), self.cfg.teacher_steps,
+        fit(model, self._disc_batches(x, seg, cls, kind), self.cfg.teacher_steps,
             self.path("ckpt", "teacher.ckpt"), self.cfg.lr, self.cfg.checkpoint_every, "teacher",
             loss_fn, self.cfg.seed + 6)
         torch.save(model.state_dict(), out)
@@ -911,7 +941,7 @@ class Run:
         out = self.path("weights", f"{name}.pt")
         if out.exists():
             return
-        x, seg, cls = self.disc_bank(False)
+        x, seg, cls, kind = self.disc_bank(False)
         alpha = self.cfg.kd_alpha if distil else 0.0
         teacher = None  # the student without distillation needs no teacher (nor waits for one)
         if alpha > 0:
@@ -930,7 +960,7 @@ class Run:
                 t_logits = teacher(xb)[0]
             return kd_loss(m(xb), t_logits, cb, alpha, self.cfg.kd_temperature)
 
-        fit(model, self._disc_batches(x, seg, cls), self.cfg.disc_steps,
+        fit(model, self._disc_batches(x, seg, cls, kind), self.cfg.disc_steps,
             self.path("ckpt", f"{name}.ckpt"), self.cfg.lr, self.cfg.checkpoint_every, name,
             loss_fn, self.cfg.seed + 8)
         torch.save(model.state_dict(), out)
