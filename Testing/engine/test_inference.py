@@ -39,6 +39,30 @@ def test_a_volume_within_one_tile_runs_whole():
     np.testing.assert_array_equal(predict_volume(net, x, tile=28), direct)
 
 
+def test_the_default_tile_runs_the_longest_training_brain_whole():
+    """The training and validation brains reach 208 working-grid voxels front to back: the
+    default tile must run them in one pass (tiles cost time and change the prediction)."""
+    from CMBDetectorLib.engine.settings import DetectionSettings
+
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            calls.append(tuple(x.shape[2:]))
+            return torch.zeros((1, 2) + tuple(x.shape[2:]))
+
+    x = np.zeros((2, 6, 208, 6), np.float32)
+    predict_volume(Counting(), x, DetectionSettings().tile_size)
+    assert calls == [(6, 208, 6)]
+    calls.clear()
+    predict_volume(Counting(), x, 192)  # the old default split it in two
+    assert len(calls) == 2
+
+
 def test_sliding_window_has_no_seams():
     torch.manual_seed(0)
     net = UNet3D(2, 4).eval()

@@ -78,7 +78,7 @@ def run_with_fallback(fn, net, *args):
         return fn(net, *args)
 
 
-def predict_volume(net, channels: np.ndarray, tile: int = 192, overlap: float = 0.15,
+def predict_volume(net, channels: np.ndarray, tile: int = 224, overlap: float = 0.15,
                    progress=None, cancel=None) -> np.ndarray:
     """Detector probability map for a ``(C, K, J, I)`` input.
 
