@@ -169,3 +169,26 @@ def test_augmentation_uses_the_run_radii_and_changes_intensity_only_when_asked()
     # on: the image changed monotonically and its FRST was recomputed with the run's radii
     z, _ = augment_patch(patch, lab, np.random.default_rng(3), radii, intensity_prob=1.0)
     assert not np.allclose(z[0] / np.abs(z[0]).max(), y[0] / np.abs(y[0]).max(), atol=1e-3)
+
+
+def test_level_shift_moves_the_tissue_level_as_a_local_gain_would():
+    """With ``level_shift`` the contrast factor g acts on the raw scan: the normalised tissue
+    moves to (g - 1) * m, m <= level_shift; outside the brain stays 0; off, tissue stays near 0
+    whatever the gain."""
+    patch = np.zeros((2, 16, 16, 16), np.float32)
+    patch[0, 2:-2, 2:-2, 2:-2] = 1e-3  # tissue at the median (0), inside the brain
+    lab = np.zeros(patch.shape[1:], np.uint8)
+    inside = patch[0] != 0
+
+    def levels(shift):
+        out = []
+        for seed in range(40):
+            y, _ = augment_patch(patch, lab, np.random.default_rng(seed), (1.0,), 0.0, shift)
+            out.append((y[0][inside].mean(), y[0][~inside].mean()))
+        return np.array(out)
+
+    off, on = levels(0.0), levels(1.5)
+    assert np.abs(off[:, 0]).max() < 0.01
+    assert np.abs(on[:, 0]).max() <= 0.25 * 1.5 + 0.01   # |g - 1| <= 0.25, m <= 1.5
+    assert (on[:, 0] > 0.05).any() and (on[:, 0] < -0.05).any()
+    assert np.abs(on[:, 1]).max() < 0.01                 # outside: noise only
