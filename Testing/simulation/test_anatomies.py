@@ -130,3 +130,58 @@ def test_the_default_anatomy_draws_nothing():
 
     stage_anatomy(st, SimulationConfig(roi_mm=20.0).block("anatomy"))
     assert st.rng.bit_generator.state == before and st.params["anatomy"] == "mni152"
+
+
+def _blob_pair():
+    """Two smooth textured volumes, one shifted and scaled: a small MI registration problem."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(3)
+    z, y, x = np.mgrid[:48, :48, :48].astype(np.float32) - 24
+    base = np.exp(-(x ** 2 / 200 + y ** 2 / 120 + z ** 2 / 160)) + 0.2 * rng.random((48,) * 3)
+    moved = np.exp(-((x - 2) ** 2 / 230 + (y + 1) ** 2 / 140 + z ** 2 / 170)) \
+        + 0.2 * rng.random((48,) * 3)
+    fixed, moving = (sitk.GetImageFromArray(a.astype(np.float32)) for a in (base, moved))
+    mask = sitk.Cast(fixed > 0.3, sitk.sitkUInt8)
+    return fixed, moving, mask
+
+
+def test_a_mutual_information_registration_repeats_exactly_on_one_thread():
+    import SimpleITK as sitk
+
+    fixed, moving, mask = _blob_pair()
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    results = []
+    for _ in range(2):
+        with anatomies.single_threaded_itk():
+            assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+            tr = anatomies._similarity_mi(sitk.Similarity3DTransform(), fixed, mask, moving)
+        results.append(np.array(tr.GetParameters()))
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+    assert np.linalg.norm(results[0][3:6]) > 0.5  # it did register (moved the shift)
+    assert np.array_equal(results[0], results[1])
+
+
+def test_building_an_anatomy_registers_on_one_thread(monkeypatch):
+    """A build runs its registrations on one ITK thread and gives the setting back, even when
+    it fails."""
+    import SimpleITK as sitk
+
+    installed = anatomies.available_anatomies()
+    if not installed:
+        pytest.skip("no anatomy installed")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.append(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+        raise Stop
+
+    monkeypatch.setattr(anatomies, "_similarity_mi", record)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    with pytest.raises(Stop):
+        anatomies.build_anatomy(anatomies.SOURCES[installed[0]])
+    assert seen == [1]
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
