@@ -156,7 +156,8 @@ def _cache_path(src: AnatomySource) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def load_anatomy(name: str) -> Anatomy:
-    """The anatomy ``name`` (a key of SOURCES), built on first use (~1-1.5 min on one thread) then cached."""
+    """The anatomy ``name`` (a key of SOURCES), built on first use (~1-1.5 min on one thread),
+    then cached."""
     if name not in SOURCES:
         raise ValueError(f"unknown anatomy {name!r}; known: mni152, random, {', '.join(SOURCES)}")
     src = SOURCES[name]
