@@ -513,7 +513,9 @@ def single_threaded_itk():
     result depends on how the work was split: two builds of one anatomy on two threads differed
     by up to 0.5 in a tissue fraction and in whole voxels of the brain mask and nuclei
     (2026-12-05), so the same seeds simulated different subjects on different machines. On one
-    thread two builds are identical."""
+    thread two builds are identical. The setting is process-wide (the library otherwise leaves
+    it to entry points): every registration of a build needs it, a build is a one-off research
+    step, and the previous value comes back afterwards, also on an error."""
     import SimpleITK as sitk
 
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
