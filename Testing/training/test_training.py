@@ -614,3 +614,31 @@ def test_tiny_run_bank_records_patch_kinds(tiny_run):
     z = np.load(tiny_run[0] / "banks" / "candidates.npz")
     assert len(z["kind"]) == len(z["cls"])
     assert np.array_equal(z["kind"] == 0, z["cls"] == 1)
+
+
+def test_patch_norm_reaches_the_networks_and_the_exported_manifest(tiny_run, tmp_path):
+    import shutil
+
+    from CMBDetectorLib.engine.models import load_bundle
+    from CMBDetectorLib.engine.networks import PatchStandardise
+
+    run = tmp_path / "patchnorm"
+    shutil.copytree(tiny_run[0], run)
+    for name in ("teacher", "student", "student_nokd"):
+        (run / "weights" / f"{name}.pt").unlink()
+    shutil.rmtree(run / "ckpt")
+    cfg = TrainConfig.tiny()
+    cfg.patch_norm = True
+    saved = json.loads((run / "config.json").read_text())
+    saved["patch_norm"] = True
+    (run / "config.json").write_text(json.dumps(saved))
+    r = Run(run, cfg)
+    assert r.student_config()["patch_norm"] and r.teacher_config()["patch_norm"]
+    r.train_teacher()
+    r.train_students()
+    r.choose_operating_point()
+    manifest = json.loads(r.export(tmp_path / "models").read_text())
+    assert manifest["models"]["student"]["config"]["patch_norm"] is True
+    assert manifest["teacher"]["config"]["patch_norm"] is True
+    bundle = load_bundle(tmp_path / "models", device="cpu")
+    assert any(isinstance(m, PatchStandardise) for m in bundle.student.modules())

@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     "train": ("training.train", "train the detector, teacher and distilled student"),
     "finetune": ("training.finetune", "fine-tune the bundled models on your own annotated scans"),
     "evaluate": ("evaluation.evaluate", "score predictions against ground truth"),
+    "invariance": ("evaluation.invariance",
+                   "check that lesions survive intensity, bias-field and noise changes"),
     "batch": ("cohort.batch", "process a cohort on a Dask cluster"),
     "bench": ("cli.bench", "measure speed and memory on this machine"),
 }

@@ -159,6 +159,10 @@ class TrainConfig:
     #: Largest raw tissue level (normalised units) for the discriminator's local-gain
     #: augmentation (:func:`augment_patch`); 0: gain about 0 only, as before.
     disc_level_shift: float = 0.0
+    #: Teacher and student standardise each patch themselves (median and IQR of the patch's
+    #: brain voxels: :class:`~CMBDetectorLib.engine.networks.PatchStandardise`), so a local
+    #: gain such as a bias field cancels by construction; recorded in the architecture config.
+    patch_norm: bool = False
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     lr: float = 1e-3
@@ -940,10 +944,12 @@ class Run:
         return batches
 
     def teacher_config(self):
-        return {"in_channels": 2, "base": self.cfg.teacher_base, "hidden": self.cfg.teacher_hidden}
+        return {"in_channels": 2, "base": self.cfg.teacher_base, "hidden": self.cfg.teacher_hidden,
+                **({"patch_norm": True} if self.cfg.patch_norm else {})}
 
     def student_config(self):
-        return {"in_channels": 2, "base": self.cfg.student_base, "hidden": self.cfg.student_hidden}
+        return {"in_channels": 2, "base": self.cfg.student_base, "hidden": self.cfg.student_hidden,
+                **({"patch_norm": True} if self.cfg.patch_norm else {})}
 
     def train_teacher(self):
         import torch
