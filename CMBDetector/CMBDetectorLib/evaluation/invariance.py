@@ -6,8 +6,9 @@ subject v21 kept every lesion with 12 CMBs and lost 4 of 11 QSM lesions under ga
 16 (2026-12-05). So the gate pools several subjects per modality and change and counts the
 lesions lost plus gained against the lesions of the unchanged scans.
 
-Subjects are simulated from the ``validation`` (or ``train``) split's seeds and domains, never
-the test splits (this chooses models), cropped to a 96 mm box so one subject takes seconds.
+Subjects are simulated from the ``validation`` split's seeds and domains (never a training or
+test split: this chooses models), cropped to a 96 mm box so one subject takes seconds; pick
+seeds no run used (``--start``; training runs validate on subjects 0-7 and 100-107).
 """
 from __future__ import annotations
 
@@ -158,11 +159,9 @@ def configure_parser(p) -> None:
     p.add_argument("--models", default=None, help="weights folder (default: bundled)")
     p.add_argument("--subjects", type=int, default=4, help="simulated subjects (default 4)")
     p.add_argument("--start", type=int, default=0, help="first subject of the split")
-    p.add_argument("--split", default="validation", choices=("train", "validation"),
-                   help="the split whose seeds (and domains) the subjects take")
     p.add_argument("--mni152", action="store_true",
                    help="the MNI152 template with the simulator's defaults instead of the "
-                        "split's domains (needs no installed anatomy)")
+                        "validation split's domains (needs no installed anatomy)")
     p.add_argument("--n-cmbs", type=int, default=12, help="CMBs per subject (default 12)")
     p.add_argument("--modalities", default=",".join(MODALITIES))
     p.add_argument("--output", default=None, help="write rows and the gate as JSON here")
@@ -180,8 +179,8 @@ def run_command(args) -> int:
                          f"{', '.join(MODALITIES)}")
     if args.subjects < 1 or args.n_cmbs < 1:
         raise InputError("--subjects and --n-cmbs must be at least 1")
-    split = None if args.mni152 else args.split
-    seeds = subject_seeds(args.split, args.subjects, args.start)
+    split = None if args.mni152 else "validation"
+    seeds = subject_seeds("validation", args.subjects, args.start)
     bundle = load_bundle(args.models, device="cpu")
 
     def progress(n, mod):
@@ -194,8 +193,8 @@ def run_command(args) -> int:
         print(file=sys.stderr)
     result = gate(rows)
     result.update({"rows": rows, "models": str(args.models or "bundled"),
-                   "model_version": getattr(bundle, "version", ""), "split": args.split,
-                   "domains": "mni152" if args.mni152 else args.split, "n_cmbs": args.n_cmbs})
+                   "model_version": getattr(bundle, "version", ""), "split": "validation",
+                   "domains": "mni152" if args.mni152 else "validation", "n_cmbs": args.n_cmbs})
     print(format_table(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
