@@ -216,3 +216,25 @@ def test_a_kept_runs_document_names_its_own_bundles_command(tiny_run, tmp_path):
     text = V.build(run, tmp_path / "docs", manifest)
     assert "`cmbdetector train --run-dir runs/kept --export`" in text
     assert "runs/kept" not in V.build(run, tmp_path / "docs2")
+
+
+def _truth(folder: Path, seed: int, width: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"sub-{seed}_truth.json").write_text(json.dumps(
+        {"cmbs": [], "params": {"appearance": {"swi": {"filter": "gaussian",
+                                                        "sigma_mm": width}}}}))
+
+
+def test_the_swi_width_is_read_from_the_runs_own_scans(tiny_run, tmp_path):
+    """Runs before 2026-12-05 had one SWI high-pass width in every subject; the document says
+    so from their scans, not from today's simulator."""
+    run = _domain_run(tiny_run, tmp_path)
+    _truth(run / "test_scans", 1, 3.0)
+    _truth(run / "cross_domain_scans", 2, 3.0)
+    assert V.swi_widths(run) == [3.0]
+    method = _section(V.build(run, tmp_path / "docs"), "## How these numbers were produced")
+    assert "one high-pass width (3 mm) in every subject" in method
+    assert "`swi_filter_width`" not in method
+    _truth(run / "cross_domain_scans", 3, 4.25)
+    method = _section(V.build(run, tmp_path / "docs"), "## How these numbers were produced")
+    assert "one high-pass width" not in method and "`swi_filter_width`" in method

@@ -311,3 +311,27 @@ def test_random_appearance_keeps_the_frozen_stream():
            for c in s.truth["cmbs"]]
     assert got == [([-25.0, -56.4, -0.4], 0.4516, 2.1455), ([-14.7, -65.0, -3.4], 0.5225, 1.2353)]
     assert [m["type"] for m in s.truth["mimics"]] == ["vein"] * 6
+
+
+def test_swi_filter_width_is_drawn_even_when_the_filter_family_is_fixed():
+    """Domain data fixes the filter family per subject; the width must still vary (it was
+    3 mm for every domain subject until 2026-12-05)."""
+    def draw(seed, family, width):
+        return ap.draw_swi(family, "negative", 0, 3.0, 4, lambda k: ap.family_rng(seed, k),
+                           width)
+
+    widths = [draw(seed, "gaussian", "random")["sigma_mm"] for seed in range(20)]
+    assert all(1.5 <= w <= 6.0 for w in widths) and np.ptp(widths) > 2.0
+    assert draw(3, "hann", "random")["sigma_mm"] == draw(3, "gaussian", "random")["sigma_mm"]
+    assert draw(3, "gaussian", None)["sigma_mm"] == 3.0      # the default: homodyne_sigma_mm
+    assert draw(3, "hann", 4.5)["sigma_mm"] == 4.5
+    with pytest.raises(ValueError, match="swi_filter_width"):
+        draw(3, "gaussian", -1.0)
+
+
+def test_domains_draw_the_swi_filter_width():
+    from CMBDetectorLib.simulation import domains as D
+
+    for split in ("train", "cross_domain"):
+        dom = D.draw_domain(D.split_seeds(split, 1)[0], split, anatomies=["robex_ref"])
+        assert dom["swi_filter_width"] == "random"

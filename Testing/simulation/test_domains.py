@@ -74,4 +74,7 @@ def test_truth_records_the_drawn_domain_only_when_not_default():
     app = sub.truth["params"]["appearance"]
     assert app["gre_weighting"]["variant"] == dom.gre_weighting
     assert app["swi"]["filter"] == dom.swi_filter
+    width = app["swi"]["sigma_mm"]  # drawn, not the 3 mm default every domain subject had
+    assert 1.5 <= width <= 6.0 and width != 3.0
+    assert sub.truth["params"]["homodyne_sigma_mm"] == width
     json.dumps(sub.truth)  # plain JSON

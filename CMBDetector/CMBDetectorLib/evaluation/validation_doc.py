@@ -436,8 +436,22 @@ def _level(v) -> str:
     return "n/a" if v is None else f"{100 * v:g} %"
 
 
-def _domain_data_lines(cfg: dict) -> list:
-    """Where the subjects came from: split sizes (config) and the domains (simulation code)."""
+def swi_widths(run_dir) -> list:
+    """The SWI high-pass widths (mm) the run's test scans record (``<seed>_truth.json`` under
+    ``test_scans`` and ``cross_domain_scans``), sorted and distinct."""
+    widths = set()
+    for folder in ("test_scans", "cross_domain_scans"):
+        for path in sorted((Path(run_dir) / folder).glob("*_truth.json")):
+            swi = (json.loads(path.read_text()).get("params", {}).get("appearance", {})
+                   .get("swi", {}))
+            if "sigma_mm" in swi:
+                widths.add(round(float(swi["sigma_mm"]), 3))
+    return sorted(widths)
+
+
+def _domain_data_lines(cfg: dict, run_dir=None) -> list:
+    """Where the subjects came from: split sizes (config) and the domains (simulation code;
+    the SWI width from the run's own scans, since runs before 2026-12-05 never drew it)."""
     from ..simulation import anatomies, appearance, domains
 
     every = tuple(anatomies.SOURCES)
@@ -445,6 +459,11 @@ def _domain_data_lines(cfg: dict) -> list:
     held = domains.HELD_OUT
     kinds = ("gre_weighting", "swi_filter", "qsm_recon")
     drawn = [k for k in appearance.KNOBS if k not in kinds]
+    widths = swi_widths(run_dir) if run_dir is not None else []
+    fixed_width = ""
+    if len(widths) == 1:
+        drawn = [k for k in drawn if k != "swi_filter_width"]
+        fixed_width = f", with one high-pass width ({widths[0]:g} mm) in every subject"
     prior = {s: domains.LESIONS[s]["cmb_size_prior"] for s in ("train", "test")}
     n_b_train = cfg["n_pool_b"] - cfg["n_val"] + cfg.get("n_pool_b_extra", 0)
     n_val = cfg["n_val"] + cfg.get("n_val_extra", 0)
@@ -463,7 +482,7 @@ def _domain_data_lines(cfg: dict) -> list:
         f"the GRE weighting ({_names(domains.allowed('gre_weighting', 'train'))}; held out: "
         f"{_names(held['gre_weighting'])}), the SWI filter "
         f"({_names(domains.allowed('swi_filter', 'train'))}; held out: "
-        f"{_names(held['swi_filter'])}) and the QSM reconstruction "
+        f"{_names(held['swi_filter'])}{fixed_width}) and the QSM reconstruction "
         f"({_names(domains.allowed('qsm_recon', 'train'))}; held out: "
         f"{_names(held['qsm_recon'])}); in every split the rest of the appearance is randomised "
         f"({_names(drawn)}), as are field strength, TE, voxel size and orientation.",
@@ -500,9 +519,9 @@ def _rules_lines(st: dict, cfg: dict) -> list:
         f"{cl.get('ci_bootstrap', 'n/a'):,} times.", ""]
 
 
-def _domain_method_lines(cfg: dict, op: dict, manifest: dict, st: dict) -> list:
+def _domain_method_lines(cfg: dict, op: dict, manifest: dict, st: dict, run_dir=None) -> list:
     """Title, disclaimer and "How these numbers were produced" for a domain run."""
-    return (_title_lines() + [_command_line(cfg, manifest)] + _domain_data_lines(cfg)
+    return (_title_lines() + [_command_line(cfg, manifest)] + _domain_data_lines(cfg, run_dir)
             + [_preparation_line(cfg), _detect_line(op, manifest, "scan of both test splits"),
                _operating_point_line(op),
                "- The training cases record a fingerprint of the simulator and preprocessing "
@@ -759,7 +778,7 @@ def _domain_lines(run_dir: Path, docs_dir: Path, ev: dict, cfg: dict, op: dict,
     present = [(s, e) for s in SPLITS
                for e in [ev if s.folder == "eval" else _read_split(run_dir, s.folder)]
                if e is not None]
-    L = _domain_method_lines(cfg, op, manifest, ev["student"]) + _targets_lines()
+    L = _domain_method_lines(cfg, op, manifest, ev["student"], run_dir) + _targets_lines()
     for split, e in present:
         L += _split_lines(split, e, cfg, docs_dir)
     return L + _kd_lines(run_dir, present, cfg, manifest) + _domain_limits_lines()

@@ -25,7 +25,7 @@ import numpy as np
 #: knob's own generator, so adding a knob at the end changes no other knob's draws.
 KNOBS = ("gre_weighting", "gfactor", "bias_strength", "gibbs", "ghosting", "texture",
          "swi_filter", "swi_mask", "swi_mip", "qsm_recon", "qsm_background", "qsm_scale",
-         "qsm_offset_ppm")
+         "qsm_offset_ppm", "swi_filter_width")
 
 #: ``SimulationConfig(**RANDOM_APPEARANCE)``: every appearance knob drawn per subject.
 RANDOM_APPEARANCE = {k: "random" for k in KNOBS}
@@ -238,15 +238,25 @@ def acquisition_effects(app: dict, shape, spacing, brain):
 
 # ----------------------------------------------------------------------------------------------
 # SWI
-def draw_swi(filter_value, mask_value, mip_value, sigma_mm: float, power: int, rngs) -> dict:
+def draw_swi(filter_value, mask_value, mip_value, sigma_mm: float, power: int, rngs,
+             width_value=None) -> dict:
     """Resolve the SWI knobs. 'random': filter Gaussian or Hann with width 1.5-6 mm; mask
     negative (60 %), positive or both-sided (20 % each) with power 2-6; mIP over 2-4 slices for
-    40 % of subjects."""
+    40 % of subjects. ``width_value`` ('random': 1.5-6 mm from its own generator; a number: that
+    width) sets the filter width whatever the filter: a domain that fixes the filter family
+    (simulation/domains.py draws it from the allowed families) otherwise left every subject at
+    ``sigma_mm``, so all domain data had one 3 mm high-pass."""
     if filter_value == "random":
         r = rngs("swi_filter")
         filter_value = SWI_FILTERS[int(r.integers(2))]
         sigma_mm = float(r.uniform(1.5, 6.0))
     _pick(filter_value, SWI_FILTERS, "swi_filter")
+    if width_value == "random":
+        sigma_mm = float(rngs("swi_filter_width").uniform(1.5, 6.0))
+    elif width_value is not None:
+        sigma_mm = float(width_value)
+        if not sigma_mm > 0:
+            raise ValueError(f"swi_filter_width={width_value!r}; expected a width > 0 (mm)")
     if mask_value == "random":
         r = rngs("swi_mask")
         mask_value = SWI_MASKS[int(r.choice(3, p=[0.6, 0.2, 0.2]))]

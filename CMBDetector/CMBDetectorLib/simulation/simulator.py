@@ -136,6 +136,7 @@ class SimulationConfig:
     qsm_background: float | str = 0.0  # residual background field left in (ppm of field)
     qsm_scale: float | str = 1.0  # multiplies the QSM (ppm scale of the reconstruction)
     qsm_offset_ppm: float | str = 0.0  # added inside the brain (reference region)
+    swi_filter_width: float | str | None = None  # homodyne width (mm); None: homodyne_sigma_mm
     # --- lesion prior (issue 25): fields below this line, above def block ---
     #: Random CMB size (lesions.py): "legacy" (log-normal chi*V, the default), "real" (visible
     #: diameter log-normal like the real datasets, tail to 10 mm) or "training" (a fifth drawn
@@ -177,7 +178,8 @@ STAGE_FIELDS = {
     "acquisition": ("noise", "bias", "scale", "gfactor", "bias_strength", "gibbs", "ghosting",
                     "texture"),
     "gre": (),
-    "swi": ("homodyne_sigma_mm", "swi_power", "swi_filter", "swi_mask", "swi_mip"),
+    "swi": ("homodyne_sigma_mm", "swi_power", "swi_filter", "swi_mask", "swi_mip",
+            "swi_filter_width"),
     "qsm": ("qsm_blur_vox", "qsm_recon", "qsm_background", "qsm_scale", "qsm_offset_ppm"),
     "truth": (),
 }
@@ -1394,11 +1396,12 @@ def stage_swi(st: SimState, c) -> None:
     def make(s):
         return _homodyne_swi(s, spacing, sigma, power)
 
-    if (c.swi_filter, c.swi_mask, c.swi_mip) != ("gaussian", "negative", 0):
+    if (c.swi_filter, c.swi_mask, c.swi_mip, c.swi_filter_width) != ("gaussian", "negative", 0,
+                                                                      None):
         from . import appearance as ap
 
         v = ap.draw_swi(c.swi_filter, c.swi_mask, c.swi_mip, sigma, power,
-                        lambda k: ap.family_rng(st.seed, k))
+                        lambda k: ap.family_rng(st.seed, k), c.swi_filter_width)
         st.params.setdefault("appearance", {})["swi"] = v
         sigma, power = v["sigma_mm"], v["power"]
 
