@@ -192,3 +192,35 @@ def test_level_shift_moves_the_tissue_level_as_a_local_gain_would():
     assert np.abs(on[:, 0]).max() <= 0.25 * 1.5 + 0.01   # |g - 1| <= 0.25, m <= 1.5
     assert (on[:, 0] > 0.05).any() and (on[:, 0] < -0.05).any()
     assert np.abs(on[:, 1]).max() < 0.01                 # outside: noise only
+
+
+def test_intensity_max_factor_widens_the_curve_change_where_the_config_asks():
+    from CMBDetectorLib.training.train import detector_batch
+
+    img = _normalised_scan(np.random.default_rng(0))
+    focus = []
+    for factor in (1.6, 2.5):
+        rng = np.random.default_rng(3)
+        focus.append([float(intensity_change(img, rng, factor)[12, 12, 12]) for _ in range(200)])
+    assert np.ptp(focus[1]) > 1.3 * np.ptp(focus[0])  # the focus's contrast varies more
+    cfg = TrainConfig.tiny()
+    cfg.intensity_aug_prob, cfg.intensity_max_factor = 1.0, 2.5
+    lab = np.zeros((1,) + img.shape, np.uint8)
+    lab[0, 10:14, 10:14, 10:14] = 1
+    runs = []
+    for factor in (1.6, 2.5):
+        cfg.intensity_max_factor = factor
+        runs.append(detector_batch(img[None], lab, [0], np.random.default_rng(5), 16, cfg)[0])
+    assert not np.allclose(runs[0].numpy(), runs[1].numpy())  # the setting reaches the batch
+
+
+def test_runs_made_before_patch_norm_and_intensity_max_factor_resume(tmp_path):
+    import json
+
+    from CMBDetectorLib.training.train import Run
+
+    Run(tmp_path, TrainConfig.tiny())
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["patch_norm"], saved["intensity_max_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    Run(tmp_path, TrainConfig.tiny())  # accepted: their legacy values are the defaults

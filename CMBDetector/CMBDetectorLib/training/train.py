@@ -91,6 +91,10 @@ class TrainConfig:
     #: intensity change (:func:`intensity_change`: gamma 0.7-1.4 and a histogram warp of the
     #: raw scan, seen through the scan's normalisation); 0 = off (the first bundled models).
     intensity_aug_prob: float = 0.0
+    #: Largest slope factor of that change per intensity range (:func:`intensity_change`'s
+    #: ``max_factor``): 1.6 reaches the 1.3-1.6x focus-to-tissue slope ratio a gamma of 0.7
+    #: gives an SWI only at its edge (v24's candidates moved under it).
+    intensity_max_factor: float = 1.6
     #: A folder of earlier weights (``detector.pt``, ``teacher.pt``, ``student.pt``,
     #: ``student_nokd.pt`` of the same architectures, e.g. ``docs/experiments/v20``): each
     #: network this run trains starts from its file there instead of a random init, so a
@@ -235,7 +239,8 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "normalisation": "percentile", "frst_radii_mm": [1.0, 2.0, 3.0],
                    "split_candidates": False, "intensity_aug_prob": 0.0,
                    "init_weights": "", "candidate_floor": 0.1, "negative_weights": {},
-                   "disc_level_shift": 0.0}
+                   "disc_level_shift": 0.0, "patch_norm": False,
+                   "intensity_max_factor": 1.6}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 #: the modules that make the training cases (name in data_version.json -> file in the package)
@@ -375,7 +380,8 @@ def intensity_change(img: np.ndarray, rng, max_factor: float = 1.6) -> np.ndarra
 
 
 def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob: float = 0.0,
-                     radii_mm=(1.0, 2.0, 3.0), intensity_prob: float = 0.0):
+                     radii_mm=(1.0, 2.0, 3.0), intensity_prob: float = 0.0,
+                     intensity_max: float = 1.6):
     """Flips on all axes, axis permutation in-plane, small rotation, contrast, noise,
     resolution (blur along one axis); centre-crop to ``out``; with probability ``tube_prob``
     a tube in contact with the lesion (:func:`add_tube`), with ``intensity_prob`` a monotone
@@ -399,7 +405,7 @@ def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob:
     if rng.random() < 0.5:
         img, lab = np.swapaxes(img, 1, 2), np.swapaxes(lab, 1, 2)
     if intensity_prob > 0 and rng.random() < intensity_prob:
-        img = intensity_change(img, rng)
+        img = intensity_change(img, rng, intensity_max)
     if rng.random() < 0.3:
         sig = [0.0, 0.0, 0.0]
         sig[rng.integers(3)] = rng.uniform(0.3, 1.0)
@@ -412,7 +418,8 @@ def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob:
 
 
 def augment_patch(x: np.ndarray, seg: np.ndarray, rng, radii_mm=(1.0, 2.0, 3.0),
-                  intensity_prob: float = 0.0, level_shift: float = 0.0):
+                  intensity_prob: float = 0.0, level_shift: float = 0.0,
+                  intensity_max: float = 1.6):
     """Discriminator augmentation: flips, in-plane transpose, contrast and noise (both
     channels scale together; the FRST is linear in contrast); with ``intensity_prob`` a
     monotone intensity change of the image, whose FRST (``radii_mm``) is then recomputed on
@@ -433,7 +440,7 @@ def augment_patch(x: np.ndarray, seg: np.ndarray, rng, radii_mm=(1.0, 2.0, 3.0),
     if intensity_prob > 0 and rng.random() < intensity_prob:
         from ..engine.radial_symmetry import frst
 
-        img = intensity_change(x[0], rng)
+        img = intensity_change(x[0], rng, intensity_max)
         fr = frst(np.ascontiguousarray(img), radii_mm=tuple(radii_mm))
         fr[img == 0] = 0.0
         x = np.stack([img, fr])
@@ -469,7 +476,8 @@ def detector_batch(img, lab, idx, rng, patch: int, cfg: "TrainConfig"):
     import torch
 
     xs, ys = zip(*(augment_detector(img[i], lab[i], rng, patch, cfg.detector_tube_prob,
-                                    cfg.frst_radii_mm, cfg.intensity_aug_prob)
+                                    cfg.frst_radii_mm, cfg.intensity_aug_prob,
+                                    cfg.intensity_max_factor)
                    for i in idx))
     w = np.stack([lesion_size_weights(y, cfg.detector_small_lesion_ref,
                                       cfg.detector_small_lesion_max) for y in ys])
@@ -937,7 +945,8 @@ class Run:
             idx = np.concatenate([rng.choice(pos, half),
                                   rng.choice(neg, self.cfg.disc_batch - half, p=p_neg)])
             xb, sb = zip(*(augment_patch(x[i], seg[i], rng, self.cfg.frst_radii_mm,
-                                         self.cfg.intensity_aug_prob, self.cfg.disc_level_shift)
+                                         self.cfg.intensity_aug_prob, self.cfg.disc_level_shift,
+                                         self.cfg.intensity_max_factor)
                            for i in idx))
             return (torch.from_numpy(np.stack(xb)), torch.from_numpy(np.stack(sb).astype(np.int64)),
                     torch.from_numpy(cls[idx]))
