@@ -113,12 +113,6 @@ def gate(rows: list, max_fraction: float = MAX_CHANGED_FRACTION) -> dict:
             "max_changed_fraction": max_fraction, "match_mm": MATCH_MM}
 
 
-def subject_seeds(split: str, n: int, start: int = 0) -> list:
-    from ..simulation.domains import split_seeds
-
-    return split_seeds(split, n, start)
-
-
 def simulate(seed: int, split: str | None, n_cmbs: int, roi_mm: float = 96.0):
     """One small subject: the split's domain for ``seed`` (None: MNI152, simulator defaults)."""
     from ..simulation.domains import domain_config
@@ -180,7 +174,9 @@ def run_command(args) -> int:
     if args.subjects < 1 or args.n_cmbs < 1:
         raise InputError("--subjects and --n-cmbs must be at least 1")
     split = None if args.mni152 else "validation"
-    seeds = subject_seeds("validation", args.subjects, args.start)
+    from ..simulation.domains import split_seeds
+
+    seeds = split_seeds("validation", args.subjects, args.start)
     bundle = load_bundle(args.models, device="cpu")
 
     def progress(n, mod):
