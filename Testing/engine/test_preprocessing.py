@@ -128,3 +128,49 @@ def test_mask_closing_keeps_tissue_beyond_a_thin_dark_band():
     assert not closed[r > 44].any()
     with pytest.raises(InputError, match="mask_closing_mm"):
         DetectionSettings(mask_closing_mm=-1.0).validate()
+
+
+def _brain_like(modality, seed=0):
+    """Tissue with a dark (GRE/SWI) or bright (QSM) tail of veins and foci."""
+    rng = np.random.default_rng(seed)
+    shape = (40, 40, 40)
+    if modality == "qsm":
+        a = rng.normal(0.0, 0.02, shape)
+        a.reshape(-1)[rng.choice(a.size, a.size // 100, replace=False)] = rng.uniform(0.1, 0.6, a.size // 100)
+        a[20, 20, 20] = 0.5
+    else:
+        a = rng.normal(100.0, 5.0, shape)
+        a.reshape(-1)[rng.choice(a.size, a.size // 100, replace=False)] = rng.uniform(10.0, 60.0, a.size // 100)
+        a[20, 20, 20] = 20.0
+    return a.astype(np.float32), np.ones(shape, bool)
+
+
+@pytest.mark.parametrize("modality", ["swi", "qsm"])
+@pytest.mark.parametrize("gamma", [0.7, 1.4])
+def test_quantile_scaling_barely_moves_under_a_gamma_change(modality, gamma):
+    """The invariance gate's gamma change (on the scan's own range) moves every iqr-normalised
+    value of the tail; the quantile map follows the histogram and stays put."""
+    from CMBDetectorLib.evaluation.invariance import gamma_change
+
+    a, mask = _brain_like(modality)
+    b = gamma_change(Volume(a, np.eye(4)), gamma).array
+    n_iqr = normalise(a, mask, modality, "iqr")
+    tail = (n_iqr > 0.3) & (n_iqr < 2.9)  # veins, not clipped
+    diff = {m: np.abs(normalise(a, mask, modality, m) - normalise(b, mask, modality, m))[tail]
+            for m in ("iqr", "quantile")}
+    assert np.median(diff["quantile"]) < 0.02
+    assert np.median(diff["quantile"]) < np.median(diff["iqr"]) / 4
+    n = normalise(a, mask, modality, "quantile")
+    assert abs(np.median(n)) < 0.01 and n[20, 20, 20] > 0.5  # tissue at 0, the focus positive
+    q25, q75 = np.percentile(n, [25, 75])
+    assert q75 - q25 == pytest.approx(1 / 3.5, rel=0.05)  # the iqr mode's tissue scale
+
+
+def test_quantile_map_is_monotone_and_survives_a_plateau():
+    from CMBDetectorLib.engine.preprocessing import quantile_map
+
+    inside = np.concatenate([np.zeros(5000), np.linspace(-1, 1, 5000)])  # half the brain is 0
+    v = np.linspace(-3, 3, 1001)
+    out = quantile_map(v, inside)
+    assert np.all(np.isfinite(out)) and np.all(np.diff(out) >= 0)
+    assert out[-1] > out[500] > out[0]

@@ -158,6 +158,39 @@ def _fill(m: np.ndarray) -> np.ndarray:
 #: percentile scaling gave on the simulator's MNI152 scans: 2.1-4.9 IQR there, varying with the
 #: scan's vein content).
 IQR_UNITS = 3.5
+#: ``quantile`` normalisation: brain percentiles (of the polarity-corrected image) that are
+#: mapped to fixed values; dense in the tails, where foci and veins lie.
+QUANTILE_LANDMARKS = np.array([0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0,
+                               98.0, 99.0, 99.5, 99.9])
+
+
+def _standard_quantiles(percentiles: np.ndarray) -> np.ndarray:
+    """Normal quantiles scaled so that the interquartile range spans ``1 / IQR_UNITS``, the
+    tissue scale of ``iqr`` normalisation (the networks' augmentation assumes that scale)."""
+    from scipy.special import ndtri
+
+    return ndtri(percentiles / 100.0) / (IQR_UNITS * 2.0 * float(ndtri(0.75)))
+
+
+def quantile_map(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Piecewise-linear map of ``values`` that sends the brain's landmark percentiles
+    (``inside``: the brain's values) to fixed standard values, extrapolated linearly beyond the
+    end landmarks. Any monotone intensity change (a gamma, another scanner's curve) moves the
+    landmarks with the voxels, so the result changes only by the curve's bend between two
+    landmarks (the Nyul-Udupa histogram standardisation, with normal quantiles as the scale)."""
+    src = np.percentile(inside, QUANTILE_LANDMARKS).astype(np.float64)
+    span = max(float(src[-1] - src[0]), 1e-6)
+    src = src + np.arange(len(src)) * 1e-9 * span  # ties (a plateau) -> strictly increasing
+    src = np.maximum.accumulate(src)
+    dst = _standard_quantiles(QUANTILE_LANDMARKS)
+    v = values.astype(np.float64)
+    out = np.interp(v, src, dst)
+    lo_slope = (dst[1] - dst[0]) / max(src[1] - src[0], 1e-12)
+    hi_slope = (dst[-1] - dst[-2]) / max(src[-1] - src[-2], 1e-12)
+    below, above = v < src[0], v > src[-1]
+    out[below] = dst[0] + (v[below] - src[0]) * lo_slope
+    out[above] = dst[-1] + (v[above] - src[-1]) * hi_slope
+    return out
 
 
 def normalise(array: np.ndarray, mask: np.ndarray, modality: str,
@@ -169,15 +202,20 @@ def normalise(array: np.ndarray, mask: np.ndarray, modality: str,
     (brightest) half percent of the brain, i.e. the scan's veins. ``iqr``: the same polarity,
     divided by ``IQR_UNITS`` interquartile ranges of the brain's intensities, which veins and
     lesions (a few percent of the voxels) barely move, so a clinical QSM with few bright veins
-    is not amplified. Diamagnetic values stay negative. Clipped to [-3, 3]; zero outside the
-    brain.
+    is not amplified. ``quantile``: the polarity-corrected brain histogram mapped onto a fixed
+    one (:func:`quantile_map`), so a monotone intensity change of the scan barely moves it.
+    Diamagnetic values stay negative. Clipped to [-3, 3]; zero outside the brain.
     """
     a = np.asarray(array, np.float32)
     inside = a[mask]
     if inside.size < 100:
         raise InputError("the brain mask covers fewer than 100 voxels")
-    med = float(np.median(inside))
     sign = -1.0 if modality in ("gre", "swi") else 1.0
+    if method == "quantile":
+        out = np.clip(quantile_map(sign * a, sign * inside), -3.0, 3.0)
+        out[~mask] = 0.0
+        return out.astype(np.float32)
+    med = float(np.median(inside))
     if method == "iqr":
         q25, q75 = np.percentile(inside, [25.0, 75.0])
         scale = IQR_UNITS * float(q75 - q25)

@@ -7,7 +7,7 @@ from .. import MODALITIES
 from ..errors import InputError
 
 #: The intensity scalings :func:`~CMBDetectorLib.engine.preprocessing.normalise` knows.
-NORMALISATIONS = ("percentile", "iqr")
+NORMALISATIONS = ("percentile", "iqr", "quantile")
 
 
 @dataclass
@@ -47,8 +47,10 @@ class DetectionSettings:
     #: ``percentile`` (the first bundled models: brain median to 0, the 0.5th/99.5th percentile
     #: to 1, which depends on how many veins a scan holds) or ``iqr`` (median to 0, 3.5
     #: interquartile ranges of brain tissue to 1: independent of the scan's vein and lesion
-    #: content). A model bundle sets it in its manifest; the networks only work with the one
-    #: they were trained with.
+    #: content) or ``quantile`` (the brain's histogram mapped onto a fixed one at 15
+    #: percentiles: nearly unchanged by a gamma or another scanner's intensity curve). A model
+    #: bundle sets it in its manifest; the networks only work with the one they were trained
+    #: with.
     normalisation: str = "percentile"
     #: Fast radial symmetry transform radii (mm) and radial strictness.
     frst_radii_mm: tuple = (1.0, 2.0, 3.0)
