@@ -181,12 +181,11 @@ def quantile_map(values: np.ndarray, inside: np.ndarray) -> np.ndarray:
     src = np.percentile(inside, QUANTILE_LANDMARKS).astype(np.float64)
     span = max(float(src[-1] - src[0]), 1e-6)
     src = src + np.arange(len(src)) * 1e-9 * span  # ties (a plateau) -> strictly increasing
-    src = np.maximum.accumulate(src)
     dst = _standard_quantiles(QUANTILE_LANDMARKS)
     v = values.astype(np.float64)
     out = np.interp(v, src, dst)
-    lo_slope = (dst[1] - dst[0]) / max(src[1] - src[0], 1e-12)
-    hi_slope = (dst[-1] - dst[-2]) / max(src[-1] - src[-2], 1e-12)
+    lo_slope = (dst[1] - dst[0]) / (src[1] - src[0])
+    hi_slope = (dst[-1] - dst[-2]) / (src[-1] - src[-2])
     below, above = v < src[0], v > src[-1]
     out[below] = dst[0] + (v[below] - src[0]) * lo_slope
     out[above] = dst[-1] + (v[above] - src[-1]) * hi_slope
@@ -212,18 +211,17 @@ def normalise(array: np.ndarray, mask: np.ndarray, modality: str,
         raise InputError("the brain mask covers fewer than 100 voxels")
     sign = -1.0 if modality in ("gre", "swi") else 1.0
     if method == "quantile":
-        out = np.clip(quantile_map(sign * a, sign * inside), -3.0, 3.0)
-        out[~mask] = 0.0
-        return out.astype(np.float32)
-    med = float(np.median(inside))
-    if method == "iqr":
-        q25, q75 = np.percentile(inside, [25.0, 75.0])
-        scale = IQR_UNITS * float(q75 - q25)
-    elif modality in ("gre", "swi"):
-        scale = med - float(np.percentile(inside, 0.5))
+        out = quantile_map(sign * a, sign * inside)
     else:
-        scale = float(np.percentile(inside, 99.5)) - med
-    out = sign * (a - med) / max(scale, 1e-6)
+        med = float(np.median(inside))
+        if method == "iqr":
+            q25, q75 = np.percentile(inside, [25.0, 75.0])
+            scale = IQR_UNITS * float(q75 - q25)
+        elif modality in ("gre", "swi"):
+            scale = med - float(np.percentile(inside, 0.5))
+        else:
+            scale = float(np.percentile(inside, 99.5)) - med
+        out = sign * (a - med) / max(scale, 1e-6)
     out = np.clip(out, -3.0, 3.0)
     out[~mask] = 0.0
     return out.astype(np.float32)
