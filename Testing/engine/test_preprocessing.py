@@ -106,6 +106,20 @@ def test_brain_mask_matches_simulated_truth(whole_subject, modality):
     assert dice > 0.93
 
 
+@pytest.mark.parametrize("modality", ["swi", "gre"])
+def test_brain_mask_follows_anatomy_not_intensity_curve(whole_subject, modality):
+    # a gamma or a gain on the magnitude (another scanner's curve) keeps the mask: its
+    # threshold is taken on the log intensity, where both are affine
+    from CMBDetectorLib.engine.preprocessing import to_working_grid
+
+    a = to_working_grid(whole_subject.images[modality], 1.0).array
+    a = np.maximum(a, 0)
+    est = brain_mask(a, 1.0, modality)
+    for changed in (a ** 0.7, a ** 1.4, 40.0 * a):
+        moved = (brain_mask(changed, 1.0, modality) ^ est).sum() / est.sum()
+        assert moved < 0.005
+
+
 def test_prepare_outputs_consistent_grid(small_subject):
     p = prepare(small_subject.images["swi"], "swi", None, DetectionSettings())
     assert p.image.shape == p.frst.shape == p.mask.shape

@@ -103,13 +103,17 @@ def brain_mask(array: np.ndarray, spacing_mm: float, modality: str,
     """A brain mask from the scan itself (no FSL), on an isotropic grid of ``spacing_mm``.
 
     QSM maps are already masked by their reconstruction (zeros outside the brain), so the
-    non-zero support is used. For magnitude images (GRE, SWI): Otsu foreground, an erosion of
-    5 mm that cuts the brain from scalp and skull, the largest component, the dilation back,
-    then hole filling (dark lesions and ventricles stay inside). ``closing_mm`` > 0 first
-    closes the image (grey scale), so that dark bands thinner than that (SWI's darkened cortical
-    rim, sulcal veins) no longer cut tissue out of the foreground. The morphology runs on a
-    ~2 mm grid for speed and is upsampled. Good enough to bound the search and to measure edge
-    distance; pass a proper mask when you have one.
+    non-zero support is used. For magnitude images (GRE, SWI): Otsu foreground of the log
+    intensity, an erosion of 5 mm that cuts the brain from scalp and skull, the largest
+    component, the dilation back, then hole filling (dark lesions and ventricles stay inside).
+    The log makes the mask follow the anatomy, not the scanner's intensity curve: a gamma or a
+    gain is affine there, and the floor, smoothing and Otsu threshold all move with it (on
+    simulated subjects a gamma of 0.7 or 1.4 changes 0-0.13 % of the mask's voxels, against
+    1-7 % for Otsu on the intensity). ``closing_mm`` > 0 first closes the image (grey scale),
+    so that dark bands thinner than that (SWI's darkened cortical rim, sulcal veins) no longer
+    cut tissue out of the foreground. The morphology runs on a ~2 mm grid for speed and is
+    upsampled. Good enough to bound the search and to measure edge distance; pass a proper
+    mask when you have one.
     """
     a = np.asarray(array, np.float32)
     f = max(1, int(round(2.0 / spacing_mm)))
@@ -121,14 +125,13 @@ def brain_mask(array: np.ndarray, spacing_mm: float, modality: str,
             m = _largest_component(ndi.binary_opening(coarse, _ball(1.0 / sp)))
             return _upsample(_fill(m), f, a.shape) & ndi.binary_closing(support, _ball(1.0))
         a = np.abs(a - np.median(a))
-    coarse = _block_mean(a, f)
+    coarse = _block_mean(_log_magnitude(a), f)
     sp = spacing_mm * f
     if closing_mm > 0:
         coarse = ndi.grey_closing(coarse, footprint=_ball(closing_mm / sp))
     sm = ndi.gaussian_filter(coarse, 1.0 / sp)
     sample = sm.ravel()
-    t = _otsu(sample[sample > np.percentile(sample, 2)])
-    fg = sm > 0.6 * t
+    fg = sm > _otsu(sample[sample > np.percentile(sample, 2)])
     r = 5.0 / sp
     core = ndi.binary_erosion(fg, _ball(r))
     if not core.any():
@@ -137,6 +140,14 @@ def brain_mask(array: np.ndarray, spacing_mm: float, modality: str,
     m = ndi.binary_dilation(core, _ball(r)) & fg
     m = ndi.binary_closing(m, _ball(2.0 / sp))
     return _upsample(_fill(m), f, a.shape)
+
+
+def _log_magnitude(a: np.ndarray) -> np.ndarray:
+    """log of a magnitude image, floored at the 1st percentile of its positive values (the
+    floor is a quantile, so it moves with any monotone change of the intensities)."""
+    pos = a[a > 0]
+    floor = float(np.percentile(pos, 1)) if pos.size else 1.0
+    return np.log(np.maximum(a, floor)).astype(np.float32)
 
 
 def _upsample(m: np.ndarray, f: int, shape) -> np.ndarray:
