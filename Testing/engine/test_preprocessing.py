@@ -107,17 +107,19 @@ def test_brain_mask_matches_simulated_truth(whole_subject, modality):
 
 
 @pytest.mark.parametrize("modality", ["swi", "gre"])
-def test_brain_mask_follows_anatomy_not_intensity_curve(whole_subject, modality):
-    # a gamma or a gain on the magnitude (another scanner's curve) keeps the mask: its
-    # threshold is taken on the log intensity, where both are affine
+def test_log_brain_mask_follows_anatomy_not_intensity_curve(whole_subject, modality):
+    # a gamma or a gain on the magnitude (another scanner's curve) keeps the log-threshold
+    # mask, where both are affine; the intensity threshold follows the curve
     from CMBDetectorLib.engine.preprocessing import to_working_grid
 
-    a = to_working_grid(whole_subject.images[modality], 1.0).array
-    a = np.maximum(a, 0)
-    est = brain_mask(a, 1.0, modality)
-    for changed in (a ** 0.7, a ** 1.4, 40.0 * a):
-        moved = (brain_mask(changed, 1.0, modality) ^ est).sum() / est.sum()
-        assert moved < 0.005
+    a = np.maximum(to_working_grid(whole_subject.images[modality], 1.0).array, 0)
+    est = brain_mask(a, 1.0, modality, threshold="log")
+    moved = {}
+    for name, changed in (("gamma 0.7", a ** 0.7), ("gamma 1.4", a ** 1.4), ("gain", 40.0 * a)):
+        moved[name] = (brain_mask(changed, 1.0, modality, threshold="log") ^ est).sum() / est.sum()
+    assert max(moved.values()) < 0.005, moved
+    plain = brain_mask(a, 1.0, modality)
+    assert (brain_mask(a ** 0.7, 1.0, modality) ^ plain).sum() / plain.sum() > 0.005
 
 
 def test_prepare_outputs_consistent_grid(small_subject):

@@ -21,3 +21,10 @@ def test_modality_thresholds_round_trip_and_fall_back():
 def test_bad_modality_thresholds_are_refused(bad, match):
     with pytest.raises(InputError, match=match):
         DetectionSettings.from_dict({"modality_thresholds": bad})
+
+
+@pytest.mark.parametrize("bad, match", [({"mask_threshold": "otsu"}, "mask_threshold must be one of"),
+                                        ({"normalisation": "zscore"}, "normalisation must be one of")])
+def test_unknown_preparation_choices_are_refused(bad, match):
+    with pytest.raises(InputError, match=match):
+        DetectionSettings.from_dict(bad)

@@ -97,15 +97,16 @@ def test_preparation_settings_reach_the_cases_and_the_manifest_only_when_changed
         truth={}))
 
     def fake_case(name, image, modality, cmb, mimics, truth, settings, *rest):
-        seen.append((settings.normalisation, settings.frst_radii_mm, settings.split_candidates))
+        seen.append((settings.normalisation, settings.frst_radii_mm, settings.split_candidates,
+                     settings.mask_threshold))
         return SimpleNamespace(save=lambda path: Path(path).write_bytes(b""))
 
     monkeypatch.setattr(training_data, "make_case", fake_case)
     cfg = _domain_cfg(normalisation="iqr", frst_radii_mm=(1.0, 2.0, 3.0, 4.0, 5.0),
-                      split_candidates=True)
+                      split_candidates=True, mask_threshold="log")
     Run(tmp_path, cfg).build_subject("pool_a", subject_seeds(cfg)["pool_a"][0])
-    assert seen == [("iqr", (1.0, 2.0, 3.0, 4.0, 5.0), True)] * 3
-    assert cfg.preparation_manifest() == {"normalisation": "iqr",
+    assert seen == [("iqr", (1.0, 2.0, 3.0, 4.0, 5.0), True, "log")] * 3
+    assert cfg.preparation_manifest() == {"mask_threshold": "log", "normalisation": "iqr",
                                           "frst_radii_mm": [1.0, 2.0, 3.0, 4.0, 5.0],
                                           "split_candidates": True}
     assert TrainConfig().preparation_manifest() == {}  # the first bundle's manifest unchanged

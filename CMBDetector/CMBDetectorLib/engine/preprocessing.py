@@ -99,21 +99,22 @@ def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
 
 
 def brain_mask(array: np.ndarray, spacing_mm: float, modality: str,
-               closing_mm: float = 0.0) -> np.ndarray:
+               closing_mm: float = 0.0, threshold: str = "intensity") -> np.ndarray:
     """A brain mask from the scan itself (no FSL), on an isotropic grid of ``spacing_mm``.
 
     QSM maps are already masked by their reconstruction (zeros outside the brain), so the
-    non-zero support is used. For magnitude images (GRE, SWI): Otsu foreground of the log
-    intensity, an erosion of 5 mm that cuts the brain from scalp and skull, the largest
-    component, the dilation back, then hole filling (dark lesions and ventricles stay inside).
-    The log makes the mask follow the anatomy, not the scanner's intensity curve: a gamma or a
-    gain is affine there, and the floor, smoothing and Otsu threshold all move with it (on
-    simulated subjects a gamma of 0.7 or 1.4 changes 0-0.13 % of the mask's voxels, against
-    1-7 % for Otsu on the intensity). ``closing_mm`` > 0 first closes the image (grey scale),
-    so that dark bands thinner than that (SWI's darkened cortical rim, sulcal veins) no longer
-    cut tissue out of the foreground. The morphology runs on a ~2 mm grid for speed and is
-    upsampled. Good enough to bound the search and to measure edge distance; pass a proper
-    mask when you have one.
+    non-zero support is used. For magnitude images (GRE, SWI): a foreground threshold, an
+    erosion of 5 mm that cuts the brain from scalp and skull, the largest component, the
+    dilation back, then hole filling (dark lesions and ventricles stay inside). ``threshold``
+    ``intensity`` (the bundled models'): 0.6 x the Otsu threshold of the intensity, which
+    follows the scanner's intensity curve. ``log``: the Otsu threshold of the log intensity,
+    where a gamma or a gain is affine, so that the floor, smoothing and threshold all move with
+    it and the mask follows the anatomy (on simulated subjects a gamma of 0.7 or 1.4 changes
+    0-0.13 % of the mask's voxels, against 1-7 % with ``intensity``). ``closing_mm`` > 0 first
+    closes the image (grey scale), so that dark bands thinner than that (SWI's darkened
+    cortical rim, sulcal veins) no longer cut tissue out of the foreground. The morphology runs
+    on a ~2 mm grid for speed and is upsampled. Good enough to bound the search and to measure
+    edge distance; pass a proper mask when you have one.
     """
     a = np.asarray(array, np.float32)
     f = max(1, int(round(2.0 / spacing_mm)))
@@ -125,13 +126,15 @@ def brain_mask(array: np.ndarray, spacing_mm: float, modality: str,
             m = _largest_component(ndi.binary_opening(coarse, _ball(1.0 / sp)))
             return _upsample(_fill(m), f, a.shape) & ndi.binary_closing(support, _ball(1.0))
         a = np.abs(a - np.median(a))
-    coarse = _block_mean(_log_magnitude(a), f)
+    log = threshold == "log"
+    coarse = _block_mean(_log_magnitude(a) if log else a, f)
     sp = spacing_mm * f
     if closing_mm > 0:
         coarse = ndi.grey_closing(coarse, footprint=_ball(closing_mm / sp))
     sm = ndi.gaussian_filter(coarse, 1.0 / sp)
     sample = sm.ravel()
-    fg = sm > _otsu(sample[sample > np.percentile(sample, 2)])
+    t = _otsu(sample[sample > np.percentile(sample, 2)])
+    fg = sm > (t if log else 0.6 * t)
     r = 5.0 / sp
     core = ndi.binary_erosion(fg, _ball(r))
     if not core.any():
@@ -295,7 +298,8 @@ def prepare(volume: Volume, modality: str, mask: Volume | None, settings,
         m = to_working_grid(mask.with_array((mask.array > 0).astype(np.float32)), sp)
         bm = m.array > 0.5
     else:
-        bm = brain_mask(work.array, sp, modality, float(settings.mask_closing_mm))
+        bm = brain_mask(work.array, sp, modality, float(settings.mask_closing_mm),
+                        getattr(settings, "mask_threshold", "intensity"))
     if bm.sum() * sp ** 3 < 1000.0:  # < 1 cm^3: nothing brain-like was found
         raise InputError(f"{volume.name or 'scan'}: no brain found (mask under 1 cm^3); "
                          "is this a brain scan? pass --mask")

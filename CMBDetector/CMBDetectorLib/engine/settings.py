@@ -8,6 +8,8 @@ from ..errors import InputError
 
 #: The intensity scalings :func:`~CMBDetectorLib.engine.preprocessing.normalise` knows.
 NORMALISATIONS = ("percentile", "iqr", "quantile")
+#: The foreground thresholds of :func:`~CMBDetectorLib.engine.preprocessing.brain_mask`.
+MASK_THRESHOLDS = ("intensity", "log")
 
 
 @dataclass
@@ -43,6 +45,10 @@ class DetectionSettings:
     #: veins) that otherwise cut brain and surface CMBs out of the mask. 0 = no closing. The
     #: networks are trained with one mask, so a model bundle sets this (its manifest).
     mask_closing_mm: float = 0.0
+    #: Automatic brain mask of GRE/SWI: foreground threshold on the ``intensity`` (the bundled
+    #: models') or on the ``log`` intensity (a gamma or another scanner's gain leaves the mask
+    #: in place). A model bundle sets it (its manifest).
+    mask_threshold: str = "intensity"
     #: Intensity scaling before the networks (:func:`~CMBDetectorLib.engine.preprocessing.normalise`):
     #: ``percentile`` (the first bundled models: brain median to 0, the 0.5th/99.5th percentile
     #: to 1, which depends on how many veins a scan holds) or ``iqr`` (median to 0, 3.5
@@ -104,6 +110,9 @@ class DetectionSettings:
             raise InputError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if not 0.0 <= self.mask_closing_mm <= 10.0:
             raise InputError(f"mask_closing_mm must be in [0, 10], got {self.mask_closing_mm}")
+        if self.mask_threshold not in MASK_THRESHOLDS:
+            raise InputError(f"mask_threshold must be one of {', '.join(MASK_THRESHOLDS)}, "
+                             f"got {self.mask_threshold!r}")
         if self.normalisation not in NORMALISATIONS:
             raise InputError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, "
                              f"got {self.normalisation!r}")

@@ -497,7 +497,9 @@ def _domain_data_lines(cfg: dict, run_dir=None) -> list:
 def _preparation_line(cfg: dict) -> str:
     """How the cases were prepared (the exported manifest tells ``detect()`` the same)."""
     radii = ", ".join(f"{r:g}" for r in cfg.get("frst_radii_mm", ()))
-    return (f"- Preparation: intensity normalisation `{cfg.get('normalisation')}`, FRST radii "
+    return (f"- Preparation: GRE/SWI brain mask threshold on the "
+            f"{'log ' if cfg.get('mask_threshold') == 'log' else ''}intensity, "
+            f"intensity normalisation `{cfg.get('normalisation')}`, FRST radii "
             f"{radii} mm, merged candidates "
             f"{'split into one per focus' if cfg.get('split_candidates') else 'not split'}; "
             "each training patch got a random monotone intensity change with probability "

@@ -62,6 +62,9 @@ class TrainConfig:
     #: ``DetectionSettings.mask_closing_mm``); the cases are prepared with it and the exported
     #: manifest tells ``detect()`` to use it. 0 = the mask of the bundled set.
     mask_closing_mm: float = 0.0
+    #: Foreground threshold of the automatic GRE/SWI brain mask (see
+    #: ``DetectionSettings.mask_threshold``), exported to the manifest like ``mask_closing_mm``.
+    mask_threshold: str = "intensity"
     #: Train on SWI with the CMB labels the SWI shows (the GRE label plus each CMB's SWI
     #: footprint: the phase mask also darkens its lobes along B0). With the GRE label, a large
     #: CMB's darkened lobes are background in the targets, and the detector learnt to miss
@@ -199,6 +202,7 @@ class TrainConfig:
         from ..engine.settings import DetectionSettings
 
         return DetectionSettings(mask_closing_mm=self.mask_closing_mm,
+                                 mask_threshold=self.mask_threshold,
                                  normalisation=self.normalisation,
                                  frst_radii_mm=tuple(self.frst_radii_mm),
                                  split_candidates=self.split_candidates, **extra)
@@ -209,7 +213,8 @@ class TrainConfig:
         from ..engine.settings import DetectionSettings
 
         mine, default = self.prep_settings().to_dict(), DetectionSettings().to_dict()
-        keys = ("mask_closing_mm", "normalisation", "frst_radii_mm", "split_candidates")
+        keys = ("mask_closing_mm", "mask_threshold", "normalisation", "frst_radii_mm",
+                "split_candidates")
         return {k: mine[k] for k in keys if mine[k] != default[k]}
 
     @classmethod
@@ -240,7 +245,7 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "split_candidates": False, "intensity_aug_prob": 0.0,
                    "init_weights": "", "candidate_floor": 0.1, "negative_weights": {},
                    "disc_level_shift": 0.0, "patch_norm": False,
-                   "intensity_max_factor": 1.6}
+                   "intensity_max_factor": 1.6, "mask_threshold": "intensity"}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 #: the modules that make the training cases (name in data_version.json -> file in the package)
