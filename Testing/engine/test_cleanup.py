@@ -31,9 +31,16 @@ def test_edge_distance_and_verdicts():
     d = edge_distance(mask, np.array([[15, 15, 15], [6, 15, 15]]), (1, 1, 1))
     assert d[0] > d[1] and d[1] <= 2
     s = DetectionSettings()
-    assert verdicts([1.0, 30, 30, 30, 600], [0, 0, 0.9, 0, 0], [1, 30, 30, 30, 600],
+    assert verdicts([1.0, 30, 30, 30, 1200], [0, 0, 0.9, 0, 0], [1, 30, 30, 30, 1200],
                     [10, 10, 10, 1, 10], s) == ["too small", "", "elongated", "brain edge",
                                                 "too large"]
+
+
+def test_a_10_mm_cmbs_component_is_not_too_large():
+    """The detector's component reaches past a CMB's visible edge: 9.2 mm validation CMBs gave
+    603-628 mm^3, which the old limit (525 mm^3, the CMB's own 10 mm sphere) removed."""
+    s = DetectionSettings()
+    assert verdicts([628.0, 1.5 * 524.0], [0.1, 0.1], [628, 786], [10, 10], s) == ["", ""]
 
 
 def test_edge_distance_equals_the_distance_transform_at_every_voxel_kind():

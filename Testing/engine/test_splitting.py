@@ -98,3 +98,27 @@ def test_a_cmb_with_a_thin_rim_stays_one_candidate():
     _, _, _, centres = extract_candidates(prob, 0.3, split=SPLIT)
     assert len(centres) == 1
     assert np.allclose(centres[0], (20, 20, 20), atol=0.5)
+
+
+def test_a_bump_on_a_large_focus_stays_with_it():
+    """A thin plate on the surface of a 10 mm focus is shaved off by the opening and lies
+    beyond the 3 mm merge distance; it does not reach beyond the focus, so it is the same
+    lesion (v25 showed 4 such pieces as lesions that a gamma change made or unmade)."""
+    shape = (40, 40, 40)
+    focus = _ball(shape, (20, 20, 20), 5)
+    focus[17:24, 17:24, 25:27] = True  # a 2-voxel plate on the surface (i = 25)
+    prob = np.where(focus, 0.99, 0.0)
+    labels, n = ndi.label(prob > 0.3, np.ones((3, 3, 3)))
+    _, m = split_candidates(prob, labels, n, (1.0, 1.0, 1.0), **SPLIT)
+    assert m == 1  # before 2026-12-06: 5 (the body and the plate's 4 corners, 9 voxels each)
+
+
+def test_a_vein_leaving_a_large_focus_is_still_cut_off():
+    shape = (40, 40, 60)
+    focus = _ball(shape, (20, 20, 20), 5)
+    vein = np.zeros(shape, bool)
+    vein[19:21, 19:21, 20:40] = True  # 2 voxels thick: the opening removes it
+    prob = np.where(focus | vein, 0.99, 0.0)
+    labels, n = ndi.label(prob > 0.3, np.ones((3, 3, 3)))
+    _, m = split_candidates(prob, labels, n, (1.0, 1.0, 1.0), **SPLIT)
+    assert m == 2

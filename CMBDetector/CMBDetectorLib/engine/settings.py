@@ -68,10 +68,14 @@ class DetectionSettings:
     #: Larger boxes are split into fitted tiles.
     tile_size: int = 224
     tile_overlap: float = 0.15
-    #: Clean-up: component volume range (mm^3) on the working grid. 2 mm^3 ~ a 1.6 mm sphere;
-    #: 525 mm^3 ~ a 10 mm sphere (the largest CMB by the Greenberg criteria).
+    #: Clean-up: component volume range (mm^3) on the working grid. 2 mm^3 ~ a 1.6 mm sphere.
+    #: The largest CMB is 10 mm across (Greenberg criteria: 524 mm^3), but a candidate is the
+    #: detector's component at its floor, which reaches past the visible edge: validation CMBs
+    #: of 8.2-9.2 mm visible gave components 1.2-1.65x their visible volume (up to 628 mm^3)
+    #: and a gamma change moves it by 20 %; 1000 mm^3 (a 12.4 mm sphere) keeps a 10 mm CMB.
+    #: Until 2026-12-06 it was 525, which removed 9.2 mm QSM CMBs as "too large".
     min_volume_mm3: float = 2.0
-    max_volume_mm3: float = 525.0
+    max_volume_mm3: float = 1000.0
     #: Clean-up: maximal elongation 1 - sqrt(l_min/l_max) of the component's inertia (veins
     #: are tubes, CMBs round); applied to components of at least ``elongation_min_voxels``.
     max_elongation: float = 0.75
