@@ -9,8 +9,8 @@ import pytest
 
 from CMBDetectorLib.cli.main import main
 from CMBDetectorLib.engine.volume import Volume
-from CMBDetectorLib.evaluation.invariance import (bias_change, gamma_change, gate, noise_change,
-                                                   unmatched)
+from CMBDetectorLib.evaluation.invariance import (bias_change, format_table, gamma_change, gate,
+                                                   noise_change, true_cmbs, unmatched)
 
 
 def _volume(array):
@@ -55,6 +55,27 @@ def test_unmatched_counts_lesions_farther_than_the_match_distance():
     assert unmatched([], b) == 0 and unmatched(a, []) == 3
 
 
+def test_a_changed_lesion_is_a_true_cmb_within_its_visible_radius_or_3_mm():
+    cmbs = [{"centre_ras": [0.5, 0, 0], "visible_diameter_mm": 2.0},
+            {"centre_ras": [14, 0, 0], "visible_diameter_mm": 9.0,
+             "swi_visible_diameter_mm": 4.0}]
+    found = _lesions((0, 0, 0), (10, 0, 0), (30, 0, 0))
+    assert true_cmbs(found, cmbs, "gre") == 2   # 0.5 mm from the first, 4 mm within 4.5
+    assert true_cmbs(found, cmbs, "swi") == 1   # the SWI footprint reaches only 3 mm
+    assert true_cmbs(found, [], "gre") == 0 and true_cmbs([], cmbs, "gre") == 0
+
+
+def test_gate_pools_the_true_cmb_counts_and_the_table_shows_them():
+    rows = [dict(_row("swi", "gamma 0.7", 6, 1, 3, 1), lost_cmbs=1, gained_cmbs=3),
+            dict(_row("swi", "gamma 0.7", 6, 0, 2, 2), lost_cmbs=0, gained_cmbs=1)]
+    result = gate(rows)
+    cell = result["cells"][0]
+    assert (cell["lost"], cell["lost_cmbs"], cell["gained"], cell["gained_cmbs"]) == (1, 1, 5, 4)
+    assert not cell["passed"]  # the verdict counts every change, true CMBs included
+    assert "5 (4)" in format_table(result)
+    assert "(" not in format_table(gate([_row("swi", "gamma 0.7", 6, 1, 0)])).splitlines()[1]
+
+
 def _row(mod, change, lesions, lost, gained, seed=0):
     return {"seed": seed, "modality": mod, "change": change, "lesions": lesions, "lost": lost,
             "gained": gained}
@@ -88,4 +109,6 @@ def test_cli_on_one_small_subject_writes_the_gate(tmp_path, capsys):
     assert [r["change"] for r in result["rows"]] == ["gamma 0.7", "gamma 1.4", "bias field",
                                                      "more noise"]
     assert result["rows"][0]["seed"] == 3_100_000 and result["domains"] == "mni152"
+    for r in result["rows"]:
+        assert 0 <= r["lost_cmbs"] <= r["lost"] and 0 <= r["gained_cmbs"] <= r["gained"]
     assert ("PASS" if result["passed"] else "FAIL") in capsys.readouterr().out
