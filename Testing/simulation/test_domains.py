@@ -63,6 +63,31 @@ def test_synth_writes_a_split_with_its_domains(tmp_path, monkeypatch):
     assert main(["synth", "--split", "cross_domain", "--n", "1", "--out", str(tmp_path)]) != 0
 
 
+def test_synth_size_prior_replaces_the_splits(tmp_path, monkeypatch):
+    """Validation subjects with the test splits' (real) sizes: same anatomy and processing as
+    the split draws, only the lesion size prior replaced, and recorded in domains.json."""
+    import CMBDetectorLib.simulation.anatomies as A
+    from CMBDetectorLib.cli.main import main
+
+    monkeypatch.setattr(A, "available_anatomies", lambda: [])
+    rc = main(["synth", "--split", "validation", "--n", "1", "--roi-mm", "40", "--modality",
+               "gre", "--n-cmbs", "3", "--size-prior", "real", "--out", str(tmp_path)])
+    assert rc == 0
+    (stem, dom), = json.loads((tmp_path / "domains.json").read_text()).items()
+    seed = D.split_seeds("validation", 1)[0]
+    drawn = D.draw_domain(seed, "validation", [])
+    assert drawn["cmb_size_prior"] == "training"
+    assert dom == {**drawn, "cmb_size_prior": "real", "calc_size_prior": "real"}
+    assert (tmp_path / f"{stem}_gre.nii.gz").exists()
+    from CMBDetectorLib.simulation.cli import _split_jobs
+    from CMBDetectorLib.simulation.simulator import SimulationConfig
+
+    (_, cfg, *_), = _split_jobs("validation", 1, 0, SimulationConfig(), tmp_path, ("gre",),
+                                False, "real")
+    assert (cfg.cmb_size_prior, cfg.calc_size_prior) == ("real", "real")
+    assert cfg.anatomy == drawn["anatomy"] and cfg.gre_weighting == drawn["gre_weighting"]
+
+
 def test_truth_records_the_drawn_domain_only_when_not_default():
     from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
 

@@ -42,6 +42,10 @@ def configure_parser(parser) -> None:
                         help="draw each subject's anatomy, processing and lesions for this split "
                         "(simulation/domains.py; --seed then counts from the split's first "
                         "seed); cross_domain = the held-out anatomy and processing families")
+    parser.add_argument("--size-prior", choices=("training", "real"), default=None,
+                        help="CMB and calcification sizes from this prior, replacing the "
+                        "split's (validation draws the training prior, large CMBs "
+                        "over-represented; real = the sizes of the test splits)")
     parser.add_argument("--demo", action="store_true",
                         help="regenerate the bundled demo scan (into --out if given)")
 
@@ -66,10 +70,17 @@ def _one(job):
     return seed, len(sub.truth["cmbs"]), sub.timings.get("total", 0.0)
 
 
-def _split_jobs(split: str, n: int, start: int, cfg, out: Path, mods, labels) -> list:
-    """One job per subject of ``split`` with its drawn domain; the domains go to
-    ``domains.json`` beside the subjects (what evaluation groups by)."""
+def _sizes(prior: str | None) -> dict:
+    """The SimulationConfig overrides that ``--size-prior`` stands for (none without it)."""
+    return {"cmb_size_prior": prior, "calc_size_prior": prior} if prior else {}
+
+
+def _split_jobs(split: str, n: int, start: int, cfg, out: Path, mods, labels,
+                size_prior: str | None = None) -> list:
+    """One job per subject of ``split`` with its drawn domain (sizes from ``size_prior`` when
+    given); the domains go to ``domains.json`` beside the subjects (what evaluation groups by)."""
     import json
+    from dataclasses import replace
 
     from .anatomies import available_anatomies
     from .domains import domain_config, draw_domain, split_seeds
@@ -77,13 +88,15 @@ def _split_jobs(split: str, n: int, start: int, cfg, out: Path, mods, labels) ->
     anatomies = available_anatomies()
     seeds = split_seeds(split, n, start)
     try:
-        domains = {f"sub-{s:05d}": draw_domain(s, split, anatomies) for s in seeds}
+        domains = {f"sub-{s:05d}": {**draw_domain(s, split, anatomies), **_sizes(size_prior)}
+                   for s in seeds}
     except ValueError as exc:
         raise InputError(f"synth: {exc}") from None
     path = out / "domains.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**old, **domains}, indent=1))
-    return [(s, domain_config(s, split, cfg, anatomies), out, mods, labels) for s in seeds]
+    return [(s, replace(domain_config(s, split, cfg, anatomies), **_sizes(size_prior)), out,
+             mods, labels) for s in seeds]
 
 
 def run_command(args) -> int:
@@ -116,8 +129,12 @@ def run_command(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.split:
-        jobs = _split_jobs(args.split, args.n, args.seed, cfg, out, mods, not args.no_labels)
+        jobs = _split_jobs(args.split, args.n, args.seed, cfg, out, mods, not args.no_labels,
+                           args.size_prior)
     else:
+        from dataclasses import replace
+
+        cfg = replace(cfg, **_sizes(args.size_prior))
         jobs = [(args.seed + i, cfg, out, mods, not args.no_labels) for i in range(args.n)]
     t0 = time.perf_counter()
     _progress(0, len(jobs), t0)
