@@ -68,6 +68,8 @@ def test_synth_size_prior_replaces_the_splits(tmp_path, monkeypatch):
     the split draws, only the lesion size prior replaced, and recorded in domains.json."""
     import CMBDetectorLib.simulation.anatomies as A
     from CMBDetectorLib.cli.main import main
+    from CMBDetectorLib.simulation.cli import _split_jobs
+    from CMBDetectorLib.simulation.simulator import SimulationConfig
 
     monkeypatch.setattr(A, "available_anatomies", lambda: [])
     rc = main(["synth", "--split", "validation", "--n", "1", "--roi-mm", "40", "--modality",
@@ -79,9 +81,6 @@ def test_synth_size_prior_replaces_the_splits(tmp_path, monkeypatch):
     assert drawn["cmb_size_prior"] == "training"
     assert dom == {**drawn, "cmb_size_prior": "real", "calc_size_prior": "real"}
     assert (tmp_path / f"{stem}_gre.nii.gz").exists()
-    from CMBDetectorLib.simulation.cli import _split_jobs
-    from CMBDetectorLib.simulation.simulator import SimulationConfig
-
     (_, cfg, *_), = _split_jobs("validation", 1, 0, SimulationConfig(), tmp_path, ("gre",),
                                 False, "real")
     assert (cfg.cmb_size_prior, cfg.calc_size_prior) == ("real", "real")

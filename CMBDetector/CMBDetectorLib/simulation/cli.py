@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InputError
@@ -80,7 +81,6 @@ def _split_jobs(split: str, n: int, start: int, cfg, out: Path, mods, labels,
     """One job per subject of ``split`` with its drawn domain (sizes from ``size_prior`` when
     given); the domains go to ``domains.json`` beside the subjects (what evaluation groups by)."""
     import json
-    from dataclasses import replace
 
     from .anatomies import available_anatomies
     from .domains import domain_config, draw_domain, split_seeds
@@ -132,8 +132,6 @@ def run_command(args) -> int:
         jobs = _split_jobs(args.split, args.n, args.seed, cfg, out, mods, not args.no_labels,
                            args.size_prior)
     else:
-        from dataclasses import replace
-
         cfg = replace(cfg, **_sizes(args.size_prior))
         jobs = [(args.seed + i, cfg, out, mods, not args.no_labels) for i in range(args.n)]
     t0 = time.perf_counter()
