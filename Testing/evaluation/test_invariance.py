@@ -9,8 +9,9 @@ import pytest
 
 from CMBDetectorLib.cli.main import main
 from CMBDetectorLib.engine.volume import Volume
-from CMBDetectorLib.evaluation.invariance import (bias_change, format_table, gamma_change, gate,
-                                                   noise_change, true_cmbs, unmatched)
+from CMBDetectorLib.evaluation.invariance import (bias_change, confidence_shifts, format_table,
+                                                   gamma_change, gate, noise_change, true_cmbs,
+                                                   unmatched)
 
 
 def _volume(array):
@@ -81,6 +82,30 @@ def _row(mod, change, lesions, lost, gained, seed=0):
             "gained": gained}
 
 
+def _scored(*pairs):
+    return [SimpleNamespace(centroid_ras=p, confidence=c) for p, c in pairs]
+
+
+def test_confidence_shifts_follow_confident_candidates_to_their_nearest_match():
+    ref = _scored(((0, 0, 0), 0.9), ((10, 0, 0), 0.2), ((20, 0, 0), 0.6), ((40, 0, 0), 0.8))
+    got = _scored(((0.5, 0, 0), 0.7), ((1.5, 0, 0), 0.1), ((10, 0, 0), 0.9), ((20, 1, 0), 0.65))
+    # 0.9 -> 0.7 (the nearer of two), 0.2 is below the floor, 0.6 -> 0.65, 0.8 has no match
+    assert confidence_shifts(ref, got) == pytest.approx([0.2, 0.05])
+    assert confidence_shifts(ref, got, floor=0.1) == pytest.approx([0.2, 0.7, 0.05])
+    assert confidence_shifts(ref, []) == [] and confidence_shifts([], got) == []
+
+
+def test_gate_reports_the_pooled_confidence_shift_beside_the_verdict():
+    rows = [dict(_row("qsm", "gamma 0.7", 6, 0, 0), shifts=[0.0] * 9 + [0.5]),
+            dict(_row("qsm", "gamma 0.7", 6, 0, 0), shifts=[0.0] * 9 + [0.5])]
+    cell = gate(rows)["cells"][0]
+    assert cell["shift_p90"] == pytest.approx(0.05)  # 90th percentile of 18 zeros and two 0.5
+    assert cell["passed"]  # a moving confidence alone does not fail the gate
+    table = format_table(gate(rows))
+    assert "conf. p90" in table and "0.050" in table
+    assert "conf. p90" not in format_table(gate([_row("qsm", "gamma 0.7", 6, 0, 0)]))
+
+
 def test_gate_pools_subjects_per_modality_and_change():
     rows = [_row("gre", "bias field", 4, 2, 0, 1), _row("gre", "bias field", 8, 0, 1, 2),
             _row("qsm", "gamma 0.7", 8, 3, 0, 1)]
@@ -111,4 +136,5 @@ def test_cli_on_one_small_subject_writes_the_gate(tmp_path, capsys):
     assert result["rows"][0]["seed"] == 3_100_000 and result["domains"] == "mni152"
     for r in result["rows"]:
         assert 0 <= r["lost_cmbs"] <= r["lost"] and 0 <= r["gained_cmbs"] <= r["gained"]
+        assert all(0.0 <= x <= 1.0 for x in r["shifts"])
     assert ("PASS" if result["passed"] else "FAIL") in capsys.readouterr().out

@@ -28,6 +28,9 @@ CMB_MATCH_MM = 3.0
 #: The gate: lesions lost + gained at most this fraction of the unchanged scans' lesions,
 #: per modality and change, pooled over subjects.
 MAX_CHANGED_FRACTION = 0.25
+#: Confidence shifts are measured on the unchanged scan's kept candidates at least this
+#: confident (below it a candidate is background either way).
+SHIFT_FLOOR = 0.3
 
 
 def gamma_change(vol, gamma: float):
@@ -83,6 +86,23 @@ def unmatched(a: list, b: list, match_mm: float = MATCH_MM) -> int:
     return len(unmatched_lesions(a, b, match_mm))
 
 
+def confidence_shifts(ref: list, got: list, floor: float = SHIFT_FLOOR,
+                      match_mm: float = MATCH_MM) -> list:
+    """``|confidence change|`` of each ``ref`` candidate with confidence >= ``floor`` that has a
+    ``got`` candidate within ``match_mm`` (the nearest): unlike lost and gained, it does not
+    depend on where the threshold lies, so it tells a student that moves with the intensity
+    curve from one whose lesions merely sit near its threshold."""
+    ref = [x for x in ref if x.confidence >= floor]
+    if not ref or not got:
+        return []
+    pa = np.array([x.centroid_ras for x in ref])
+    pb = np.array([x.centroid_ras for x in got])
+    d = np.linalg.norm(pa[:, None] - pb[None], axis=2)
+    near = d.argmin(1)
+    return [round(abs(float(got[j].confidence) - float(x.confidence)), 4)
+            for x, j, dj in zip(ref, near, d.min(1)) if dj <= match_mm]
+
+
 def true_cmbs(lesions: list, cmbs: list, modality: str) -> int:
     """How many ``lesions`` lie on a simulated CMB: centroid within the CMB's visible radius
     (on SWI its SWI footprint's) or ``CMB_MATCH_MM`` of its centre, whichever is larger."""
@@ -101,16 +121,20 @@ def change_details(volume, modality: str, bundle, settings=None, cmbs=None) -> d
     """For each change: ``lesions`` of the original, ``lost``, ``gained``; with the simulated
     ``cmbs`` (truth records) also how many of the lost and gained lesions are true CMBs
     (``lost_cmbs``, ``gained_cmbs``): gaining CMBs under a change says the model is limited by
-    contrast there, losing them or gaining others that it is unstable."""
+    contrast there, losing them or gaining others that it is unstable. ``shifts``: the
+    confidence changes of the kept candidates (``confidence_shifts``)."""
     from ..engine.detection import default_settings, detect
 
     settings = settings or default_settings(bundle, device="cpu")
-    ref = detect(volume, modality, None, settings, bundle).lesions()
+    first = detect(volume, modality, None, settings, bundle)
+    ref, ref_all = first.lesions(), first.lesions(0.0)
     out = {}
     for name, change in CHANGES.items():
-        got = detect(change(volume), modality, None, settings, bundle).lesions()
+        result = detect(change(volume), modality, None, settings, bundle)
+        got = result.lesions()
         lost, gained = unmatched_lesions(ref, got), unmatched_lesions(got, ref)
-        out[name] = {"lesions": len(ref), "lost": len(lost), "gained": len(gained)}
+        out[name] = {"lesions": len(ref), "lost": len(lost), "gained": len(gained),
+                     "shifts": confidence_shifts(ref_all, result.lesions(0.0))}
         if cmbs is not None:
             out[name].update(lost_cmbs=true_cmbs(lost, cmbs, modality),
                              gained_cmbs=true_cmbs(gained, cmbs, modality))
@@ -126,15 +150,23 @@ def lesion_changes(volume, modality: str, bundle, settings=None) -> dict:
 def gate(rows: list, max_fraction: float = MAX_CHANGED_FRACTION) -> dict:
     """Pool per-subject rows ``{modality, change, lesions, lost, gained}`` per modality and
     change; each pooled cell passes when lost + gained <= ``max_fraction`` x lesions (at least
-    one change allowed, so a single flicker on few lesions is not a failure)."""
+    one change allowed, so a single flicker on few lesions is not a failure). Rows with
+    ``shifts`` also give each cell the 90th percentile of the pooled confidence changes
+    (``shift_p90``; reported, not part of the verdict)."""
     cells: dict = {}
+    shifts: dict = {}
     for r in rows:
-        c = cells.setdefault((r["modality"], r["change"]), {"lesions": 0, "lost": 0,
-                                                            "gained": 0, "subjects": 0})
+        key = (r["modality"], r["change"])
+        c = cells.setdefault(key, {"lesions": 0, "lost": 0, "gained": 0, "subjects": 0})
         for k in ("lesions", "lost", "gained", "lost_cmbs", "gained_cmbs"):
             if k in r:
                 c[k] = c.get(k, 0) + int(r[k])
         c["subjects"] += 1
+        if "shifts" in r:
+            shifts.setdefault(key, []).extend(r["shifts"])
+    for key, values in shifts.items():
+        cells[key]["shift_p90"] = (round(float(np.percentile(values, 90)), 3) if values
+                                   else None)
     table = []
     for (mod, change), c in sorted(cells.items()):
         changed = c["lost"] + c["gained"]
@@ -177,13 +209,22 @@ def format_table(result: dict) -> str:
     def count(c, k):
         return f"{c[k]} ({c[k + '_cmbs']})" if k + "_cmbs" in c else str(c[k])
 
-    lines = [f"{'modality':8} {'change':11} {'lesions':>7} {'lost':>7} {'gained':>7}  verdict"]
+    def shift(c):
+        return "" if c.get("shift_p90") is None else f"{c['shift_p90']:10.3f}"
+
+    with_shift = any("shift_p90" in c for c in result["cells"])
+    lines = [f"{'modality':8} {'change':11} {'lesions':>7} {'lost':>7} {'gained':>7}"
+             + (f" {'conf. p90':>10}" if with_shift else "") + "  verdict"]
     for c in result["cells"]:
         lines.append(f"{c['modality']:8} {c['change']:11} {c['lesions']:7d} "
-                     f"{count(c, 'lost'):>7} {count(c, 'gained'):>7}  "
-                     f"{'ok' if c['passed'] else 'FAIL'}")
+                     f"{count(c, 'lost'):>7} {count(c, 'gained'):>7}"
+                     + (f" {shift(c):>10}" if with_shift else "")
+                     + f"  {'ok' if c['passed'] else 'FAIL'}")
     if any("lost_cmbs" in c for c in result["cells"]):
         lines.append("lost / gained: all (of them true CMBs)")
+    if with_shift:
+        lines.append(f"conf. p90: 90th percentile of |confidence change| of the kept "
+                     f"candidates >= {SHIFT_FLOOR} (not part of the verdict)")
     lines.append("PASS" if result["passed"] else "FAIL")
     return "\n".join(lines)
 
