@@ -71,14 +71,21 @@ CHANGES = {"gamma 0.7": lambda v: gamma_change(v, 0.7), "gamma 1.4": lambda v: g
            "bias field": bias_change, "more noise": noise_change}
 
 
+def _nearest(a: list, b: list):
+    """For each item of ``a``: the index of the nearest item of ``b`` (by centroid) and its
+    distance in mm; both lists non-empty."""
+    pa = np.array([x.centroid_ras for x in a])
+    pb = np.array([x.centroid_ras for x in b])
+    d = np.linalg.norm(pa[:, None] - pb[None], axis=2)
+    return d.argmin(1), d.min(1)
+
+
 def unmatched_lesions(a: list, b: list, match_mm: float = MATCH_MM) -> list:
     """The lesions of ``a`` with no lesion of ``b`` within ``match_mm``."""
     if not a or not b:
         return list(a)
-    pa = np.array([x.centroid_ras for x in a])
-    pb = np.array([x.centroid_ras for x in b])
-    d = np.linalg.norm(pa[:, None] - pb[None], axis=2)
-    return [x for x, far in zip(a, d.min(1) > match_mm) if far]
+    _, dist = _nearest(a, b)
+    return [x for x, far in zip(a, dist > match_mm) if far]
 
 
 def unmatched(a: list, b: list, match_mm: float = MATCH_MM) -> int:
@@ -95,12 +102,9 @@ def confidence_shifts(ref: list, got: list, floor: float = SHIFT_FLOOR,
     ref = [x for x in ref if x.confidence >= floor]
     if not ref or not got:
         return []
-    pa = np.array([x.centroid_ras for x in ref])
-    pb = np.array([x.centroid_ras for x in got])
-    d = np.linalg.norm(pa[:, None] - pb[None], axis=2)
-    near = d.argmin(1)
+    near, dist = _nearest(ref, got)
     return [round(abs(float(got[j].confidence) - float(x.confidence)), 4)
-            for x, j, dj in zip(ref, near, d.min(1)) if dj <= match_mm]
+            for x, j, dj in zip(ref, near, dist) if dj <= match_mm]
 
 
 def true_cmbs(lesions: list, cmbs: list, modality: str) -> int:
@@ -209,17 +213,19 @@ def format_table(result: dict) -> str:
     def count(c, k):
         return f"{c[k]} ({c[k + '_cmbs']})" if k + "_cmbs" in c else str(c[k])
 
-    def shift(c):
-        return "" if c.get("shift_p90") is None else f"{c['shift_p90']:10.3f}"
-
     with_shift = any("shift_p90" in c for c in result["cells"])
+
+    def shift(c):  # the optional column, with its leading space
+        if not with_shift:
+            return ""
+        return f" {'' if c.get('shift_p90') is None else format(c['shift_p90'], '.3f'):>10}"
+
     lines = [f"{'modality':8} {'change':11} {'lesions':>7} {'lost':>7} {'gained':>7}"
              + (f" {'conf. p90':>10}" if with_shift else "") + "  verdict"]
     for c in result["cells"]:
         lines.append(f"{c['modality']:8} {c['change']:11} {c['lesions']:7d} "
-                     f"{count(c, 'lost'):>7} {count(c, 'gained'):>7}"
-                     + (f" {shift(c):>10}" if with_shift else "")
-                     + f"  {'ok' if c['passed'] else 'FAIL'}")
+                     f"{count(c, 'lost'):>7} {count(c, 'gained'):>7}{shift(c)}"
+                     f"  {'ok' if c['passed'] else 'FAIL'}")
     if any("lost_cmbs" in c for c in result["cells"]):
         lines.append("lost / gained: all (of them true CMBs)")
     if with_shift:
