@@ -225,3 +225,74 @@ def test_runs_made_before_patch_norm_and_intensity_max_factor_resume(tmp_path):
     del saved["patch_norm"], saved["intensity_max_factor"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     Run(tmp_path, TrainConfig.tiny())  # accepted: their legacy values are the defaults
+
+
+def test_augment_patch_returns_the_unchanged_view_with_the_same_draws():
+    """``with_clean``: the changed patch is the one without it (same random draws), and the
+    extra view has the same flips, gain and noise but not the intensity change."""
+    from CMBDetectorLib.engine.radial_symmetry import frst
+
+    g = np.indices((24, 24, 24), np.float32) - 11.5  # symmetric under every flip and transpose
+    img = (0.05 + 1.5 * np.exp(-(g ** 2).sum(0) / 8.0)).astype(np.float32)
+    patch = np.stack([img, frst(img)])
+    lab = np.zeros(img.shape, np.uint8)
+    for seed in range(4):
+        z, s = augment_patch(patch, lab, np.random.default_rng(seed), (1.0,), 1.0, 0.0, 2.0)
+        z2, s2, clean = augment_patch(patch, lab, np.random.default_rng(seed), (1.0,), 1.0, 0.0,
+                                      2.0, with_clean=True)
+        np.testing.assert_array_equal(z, z2)
+        np.testing.assert_array_equal(s, s2)
+        gain = clean[1].sum() / patch[1].sum()  # the FRST channel carries no noise
+        assert 0.74 < gain < 1.26
+        np.testing.assert_allclose(clean[1], gain * patch[1], rtol=1e-4, atol=1e-6)
+        assert np.abs(clean[0] - gain * patch[0]).std() < 0.06  # only the noise
+        assert np.abs(z[0] - clean[0]).max() > 0.02  # the student's view was changed (same noise)
+
+
+@pytest.mark.parametrize("clean_target", [False, True])
+def test_distilled_student_sees_the_changed_patch_and_the_teacher_the_clean_one(
+        tiny_run, tmp_path, monkeypatch, clean_target):
+    import shutil
+
+    import torch
+
+    from CMBDetectorLib.training import train as T
+
+    run = tmp_path / "kd"
+    shutil.copytree(tiny_run[0], run)
+    (run / "weights" / "student.pt").unlink()
+    shutil.rmtree(run / "ckpt")
+    (run / "config.json").unlink()  # another configuration in the same folder
+    cfg = TrainConfig.tiny()
+    cfg.intensity_aug_prob, cfg.kd_clean_target = 1.0, clean_target
+    r = Run(run, cfg)
+    seen = {}
+    teacher = r.load("teacher", "Teacher", r.teacher_config())
+
+    class Spy:  # the teacher, recording what it was shown
+        def parameters(self):
+            return teacher.parameters()
+
+        def __call__(self, x):
+            seen["teacher"] = x.clone()
+            return teacher(x)
+
+    spy = Spy()
+
+    real_load = r.load
+    monkeypatch.setattr(r, "load", lambda name, *a: spy if name == "teacher" else real_load(name, *a))
+
+    def one_step(model, batches, steps, ckpt, lr, every, name, loss_fn, seed):
+        batch = batches(np.random.default_rng(seed))
+        seen["batch"] = batch
+        seen["loss"] = float(loss_fn(model, batch))
+
+    monkeypatch.setattr(T, "fit", one_step)
+    r.train_student(True)
+    batch = seen["batch"]
+    assert len(batch) == (4 if clean_target else 3)
+    want = batch[3] if clean_target else batch[0]
+    assert torch.equal(seen["teacher"], want)
+    if clean_target:
+        assert not torch.equal(batch[3], batch[0])
+    assert np.isfinite(seen["loss"])

@@ -170,6 +170,12 @@ class TrainConfig:
     #: brain voxels: :class:`~CMBDetectorLib.engine.networks.PatchStandardise`), so a local
     #: gain such as a bias field cancels by construction; recorded in the architecture config.
     patch_norm: bool = False
+    #: The distilled student's target is the teacher's response to the patch *before* the
+    #: random intensity change (same flips, gain and noise), not to the changed patch it sees
+    #: itself: with the teacher on the same changed patch, distillation copies the teacher's own
+    #: dependence on the intensity curve into the student (v29: a QSM candidate's confidence at
+    #: an unchanged centre moved from 0.97 to 0.59 under gamma 1.4). False: as before.
+    kd_clean_target: bool = False
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     lr: float = 1e-3
@@ -424,7 +430,7 @@ def augment_detector(img: np.ndarray, lab: np.ndarray, rng, out: int, tube_prob:
 
 def augment_patch(x: np.ndarray, seg: np.ndarray, rng, radii_mm=(1.0, 2.0, 3.0),
                   intensity_prob: float = 0.0, level_shift: float = 0.0,
-                  intensity_max: float = 1.6):
+                  intensity_max: float = 1.6, with_clean: bool = False):
     """Discriminator augmentation: flips, in-plane transpose, contrast and noise (both
     channels scale together; the FRST is linear in contrast); with ``intensity_prob`` a
     monotone intensity change of the image, whose FRST (``radii_mm``) is then recomputed on
@@ -435,13 +441,18 @@ def augment_patch(x: np.ndarray, seg: np.ndarray, rng, radii_mm=(1.0, 2.0, 3.0),
     candidate moves the normalised tissue there to ``(g - 1) * m``, ``m`` being the raw
     tissue level in normalised units (drawn from 0 .. ``level_shift``); without it the
     student learnt absolute levels (v22: 4 of 7 GRE lesions lost under a +-25 % bias
-    field)."""
+    field).
+
+    ``with_clean``: also return the same patch without the intensity change (same flips, gain,
+    level shift and noise), the view the teacher scores for ``kd_clean_target``. The random
+    draws are the same either way."""
     x = x.astype(np.float32)
     for ax in range(3):
         if rng.random() < 0.5:
             x, seg = np.flip(x, ax + 1), np.flip(seg, ax)
     if rng.random() < 0.5:
         x, seg = np.swapaxes(x, 2, 3), np.swapaxes(seg, 1, 2)
+    clean = np.array(x) if with_clean else None
     if intensity_prob > 0 and rng.random() < intensity_prob:
         from ..engine.radial_symmetry import frst
 
@@ -450,12 +461,21 @@ def augment_patch(x: np.ndarray, seg: np.ndarray, rng, radii_mm=(1.0, 2.0, 3.0),
         fr[img == 0] = 0.0
         x = np.stack([img, fr])
     gain = rng.uniform(0.75, 1.25)
-    if level_shift > 0:
-        inside = x[0] != 0  # outside the brain stays 0
-        x[0][inside] += (1.0 - 1.0 / gain) * rng.uniform(0.0, level_shift)
+    shift = (1.0 - 1.0 / gain) * rng.uniform(0.0, level_shift) if level_shift > 0 else 0.0
+    noise = rng.normal(0, rng.uniform(0, 0.05), x[0].shape).astype(np.float32)
+    views = [_gain_and_noise(v, gain, shift, noise) for v in (x, clean) if v is not None]
+    return (views[0], np.ascontiguousarray(seg)) + tuple(views[1:])
+
+
+def _gain_and_noise(x: np.ndarray, gain: float, shift: float, noise: np.ndarray) -> np.ndarray:
+    """:func:`augment_patch`'s last step: the level shift inside the brain (0 stays 0), the
+    gain on both channels, then noise on the image."""
+    x = np.array(x, np.float32)
+    if shift:
+        x[0][x[0] != 0] += shift
     x = x * gain
-    x[0] += rng.normal(0, rng.uniform(0, 0.05), x[0].shape).astype(np.float32)
-    return np.ascontiguousarray(x), np.ascontiguousarray(seg)
+    x[0] += noise
+    return np.ascontiguousarray(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -939,7 +959,9 @@ class Run:
         w = table[kind[neg]]
         return w / w.sum()
 
-    def _disc_batches(self, x, seg, cls, kind=None):
+    def _disc_batches(self, x, seg, cls, kind=None, with_clean: bool = False):
+        """Batch maker for the discriminators: ``(patches, segmentations, classes)``, with
+        ``with_clean`` a fourth item, the patches before the intensity change."""
         import torch
 
         pos, neg = np.flatnonzero(cls == 1), np.flatnonzero(cls == 0)
@@ -949,12 +971,15 @@ class Run:
         def batches(rng):
             idx = np.concatenate([rng.choice(pos, half),
                                   rng.choice(neg, self.cfg.disc_batch - half, p=p_neg)])
-            xb, sb = zip(*(augment_patch(x[i], seg[i], rng, self.cfg.frst_radii_mm,
-                                         self.cfg.intensity_aug_prob, self.cfg.disc_level_shift,
-                                         self.cfg.intensity_max_factor)
-                           for i in idx))
-            return (torch.from_numpy(np.stack(xb)), torch.from_numpy(np.stack(sb).astype(np.int64)),
-                    torch.from_numpy(cls[idx]))
+            parts = list(zip(*(augment_patch(x[i], seg[i], rng, self.cfg.frst_radii_mm,
+                                             self.cfg.intensity_aug_prob,
+                                             self.cfg.disc_level_shift,
+                                             self.cfg.intensity_max_factor, with_clean)
+                               for i in idx)))
+            out = (torch.from_numpy(np.stack(parts[0])),
+                   torch.from_numpy(np.stack(parts[1]).astype(np.int64)),
+                   torch.from_numpy(cls[idx]))
+            return out + ((torch.from_numpy(np.stack(parts[2])),) if with_clean else ())
         return batches
 
     def teacher_config(self):
@@ -1010,14 +1035,15 @@ class Run:
         self._init_from(model, name)
 
         def loss_fn(m, batch):
-            xb, _, cb = batch
+            xb, _, cb = batch[:3]
             if alpha <= 0:
                 return kd_loss(m(xb), None, cb, 0.0, self.cfg.kd_temperature)
-            with torch.no_grad():
-                t_logits = teacher(xb)[0]
+            with torch.no_grad():  # kd_clean_target: the teacher sees the unchanged patch
+                t_logits = teacher(batch[3] if len(batch) > 3 else xb)[0]
             return kd_loss(m(xb), t_logits, cb, alpha, self.cfg.kd_temperature)
 
-        fit(model, self._disc_batches(x, seg, cls, kind), self.cfg.disc_steps,
+        clean = self.cfg.kd_clean_target and alpha > 0
+        fit(model, self._disc_batches(x, seg, cls, kind, clean), self.cfg.disc_steps,
             self.path("ckpt", f"{name}.ckpt"), self.cfg.lr, self.cfg.checkpoint_every, name,
             loss_fn, self.cfg.seed + 8)
         torch.save(model.state_dict(), out)
