@@ -119,6 +119,27 @@ def test_in_memory_evaluate_subjects(dataset):
     assert "any overlap (paper)" in text and "| cleanup | 50.0 %" in text
 
 
+def test_sensitivity_by_what_the_cmb_touches(dataset):
+    """The simulator's ``touches`` stratifies the cluster TPR and each stage (a CMB against
+    CSF is what GRE/SWI miss); truth without it reads ``unknown``."""
+    (t1, l1), (t2, l2) = dataset["t"]
+    r1, r2 = dataset["r"]
+    t1 = json.loads(json.dumps(t1))
+    t1["cmbs"][0]["touches"], t1["cmbs"][1]["touches"] = "none", "cortex"
+    res = E.evaluate_subjects([E.case_from_result("sub-001_swi", r1, t1, l1),
+                               E.case_from_result("sub-002_swi", r2, t2, l2)])
+    o = res["overall"]
+    assert o["cluster_by_touches"] == {"none": {"n_ref": 1, "detected": 1, "tpr": 1.0},
+                                       "cortex": {"n_ref": 1, "detected": 0, "tpr": 0.0}}
+    assert o["stages_by_touches"]["candidates"]["cortex"]["detected"] == 1  # a candidate only
+    assert o["stages_by_touches"]["student"]["cortex"]["detected"] == 0
+    assert "TPR by what the CMB touches" in E.format_report(res)
+    (t1, l1), _ = dataset["t"]  # as the simulator wrote it before ``touches``
+    plain = E.evaluate_subjects([E.case_from_result("sub-001_swi", r1, t1, l1)])
+    assert set(plain["overall"]["cluster_by_touches"]) == {"unknown"}
+    assert "TPR by what the CMB touches" not in E.format_report(plain)
+
+
 def test_cli_round_trip(dataset, capsys):
     out = dataset["tmp"] / "report"
     code = main(["evaluate", str(dataset["pred"]), str(dataset["truth"]), "-o", str(out)])

@@ -192,6 +192,21 @@ def test_large_cmb_figure_is_exact_when_the_bins_have_a_4_mm_edge():
     assert V._large_bins({"visible_size_bins_mm": [1.5, 2.0]}) == (None, [])
 
 
+def test_touch_table_per_modality_and_absent_without_the_field():
+    def d(n, k):
+        return {"n_ref": n, "detected": k, "tpr": k / n}
+
+    st = {"by_modality": {"gre": {"cluster_by_touches": {"none": d(4, 4), "cortex": d(2, 0)}},
+                          "qsm": {"cluster_by_touches": {"none": d(4, 3)}}},
+          "overall": {"cluster_by_touches": {"none": d(8, 7), "cortex": d(2, 0)}}}
+    lines = V._touch_table(st)
+    assert "| touches | GRE | QSM | all |" in lines
+    assert "| none | 100.0 % (4 of 4) | 75.0 % (3 of 4) | 87.5 % (7 of 8) |" in lines
+    assert "| cortex | 0.0 % (0 of 2) | – | 0.0 % (0 of 2) |" in lines
+    older = {"by_modality": {"gre": {}}, "overall": {"cluster_by_touches": {"unknown": d(2, 1)}}}
+    assert V._touch_table(older) == [] and V._touch_table({"overall": {}}) == []
+
+
 def test_runs_without_the_cross_domain_split(tiny_run, tmp_path):
     run = _domain_run(tiny_run, tmp_path, cross=False)
     text = V.build(run, tmp_path / "docs")

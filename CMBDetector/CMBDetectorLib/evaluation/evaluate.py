@@ -107,6 +107,7 @@ def _truth_refs(case: EvalCase) -> dict:
         pts = np.array([c["centre_ras"] for c in cmbs], float).reshape(-1, 3)
         diam = np.array([2.0 * float(c.get("radius_mm", math.nan)) for c in cmbs], float)
         cat = [str(c.get("category", "unknown")) for c in cmbs]
+        touches = [str(c.get("touches") or "unknown") for c in cmbs]
         ids = [int(c.get("id", n + 1)) for n, c in enumerate(cmbs)]
         labels = [int(c.get("label", i)) for c, i in zip(cmbs, ids)]
         visible = np.full(len(ids), math.nan)
@@ -116,16 +117,17 @@ def _truth_refs(case: EvalCase) -> dict:
         own = f"{str(case.modality).lower()}_visible_diameter_mm"
         if cmbs and all(own in c for c in cmbs):
             visible = np.array([float(c[own]) for c in cmbs], float)
-        return {"ras": pts, "diameter_mm": diam, "category": cat, "id": ids, "label": labels,
-                "visible_diameter_mm": visible, "source": "json"}
+        return {"ras": pts, "diameter_mm": diam, "category": cat, "touches": touches, "id": ids,
+                "label": labels, "visible_diameter_mm": visible, "source": "json"}
     if case.truth_labels is not None:
         arr = np.asarray(case.truth_labels.array)
         lab, n, values = M._elements(arr, 26, True)
         pts = M.centroids_ras(lab, n, case.truth_labels.ijk_to_ras)
         diam = M.equivalent_diameters(arr, values, _voxel_mm3(case.truth_labels))
         ids = [int(v) for v in values]
-        return {"ras": pts, "diameter_mm": diam, "category": ["unknown"] * n, "id": ids,
-                "label": ids, "visible_diameter_mm": diam, "source": "labels"}
+        return {"ras": pts, "diameter_mm": diam, "category": ["unknown"] * n,
+                "touches": ["unknown"] * n, "id": ids, "label": ids, "visible_diameter_mm": diam,
+                "source": "labels"}
     raise InputError(f"{case.name}: no ground truth (neither truth JSON nor label map)")
 
 
@@ -417,6 +419,7 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
     sizes = lambda s: [M.size_bin(d, size_edges) if np.isfinite(d) else "unknown"  # noqa: E731
                        for d in s["_refs"]["diameter_mm"]]
     cats = lambda s: s["_refs"]["category"]  # noqa: E731
+    touch = lambda s: s["_refs"].get("touches", ["unknown"] * len(s["_refs"]["category"]))  # noqa: E731
     vbins = M.size_bin_labels(M.VISIBLE_SIZE_BINS_MM)
     visible = lambda s: s["_visible_bin"]  # noqa: E731
     rated = lambda s: s["_rated"]  # noqa: E731
@@ -425,6 +428,7 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
     res["stages_by_visible_size"] = {}
     res["stages_rated"] = {}
     res["stages_by_category"] = {}
+    res["stages_by_touches"] = {}
     for stage in M.STAGES:
         have = [s for s in scored if stage in s["_stage_match"]]
         if not have:
@@ -440,6 +444,7 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
         if "rated" in by:
             res["stages_rated"][stage] = by["rated"]
         res["stages_by_category"][stage] = _strata(have, "category", cats, hits)
+        res["stages_by_touches"][stage] = _strata(have, "touches", touch, hits)
     if with_maps:
         by = _strata(with_maps, "size", sizes, lambda s: s["_cluster_hit_by_ref"])
         res["cluster_by_size"] = {b: by[b] for b in bins + ["unknown"] if b in by}
@@ -447,6 +452,8 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
         res["cluster_by_visible_size"] = {b: by[b] for b in vbins + ["unknown"] if b in by}
         res["cluster_by_category"] = _strata(with_maps, "category", cats,
                                              lambda s: s["_cluster_hit_by_ref"])
+        res["cluster_by_touches"] = _strata(with_maps, "touches", touch,
+                                            lambda s: s["_cluster_hit_by_ref"])
     res["fp_types"] = {}
     for s in scored:
         _add_counts(res["fp_types"], s["fp_types"])
@@ -600,6 +607,11 @@ def _group_table(name: str, g: dict) -> list:
         cats = sorted({c for d in g["stages_by_category"].values() for c in d})
         if cats and cats != ["unknown"]:
             lines += _strata_table("TPR by category:", g["stages_by_category"], None, cats)
+        near = sorted({c for d in g.get("stages_by_touches", {}).values() for c in d})
+        if near and near != ["unknown"]:
+            lines += _strata_table("TPR by what the CMB touches (simulator: vein, cortex = CSF "
+                                   "of a sulcus, the surface or a ventricle, none):",
+                                   g["stages_by_touches"], g.get("cluster_by_touches"), near)
     if g.get("fp_types"):
         lines.append("False positives after clean-up by nearest mimic: " + ", ".join(
             f"{k} {v}" for k, v in sorted(g["fp_types"].items(), key=lambda kv: -kv[1])))

@@ -108,6 +108,26 @@ def _strata(title: str, d: dict) -> list:
     return out + [""]
 
 
+def _touch_table(st: dict) -> list:
+    """Cluster TPR by what each CMB touches (the simulator's ``touches``), per modality: a CMB
+    against CSF or a vein is where a dark (GRE/SWI) focus stops being a separate blob."""
+    groups = {m.upper(): g.get("cluster_by_touches", {}) for m, g in
+              sorted(st.get("by_modality", {}).items())}
+    groups["all"] = st.get("overall", {}).get("cluster_by_touches", {})
+    kinds = [k for k in ("none", "vein", "cortex", "unknown")
+             if any(k in d for d in groups.values())]
+    if not kinds or kinds == ["unknown"]:
+        return []
+    out = ["Detected after clean-up (cluster rule) by what the CMB touches (simulator: `cortex` "
+           "= CSF of a sulcus, the surface or a ventricle):", "",
+           "| touches | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for k in kinds:
+        cells = [f"{_pct(d[k]['tpr'])} ({d[k]['detected']} of {d[k]['n_ref']})" if k in d
+                 else "–" for d in groups.values()]
+        out.append(f"| {k} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _rated_rows(name: str, g: dict) -> str:
     """One row of the rating-criterion table (visible footprint >= the criterion)."""
     r = g.get("cluster_rated")
@@ -254,6 +274,7 @@ def _results_lines(st: dict) -> list:
     L += ["", "### By lesion size and location (all modalities, distilled student)", ""]
     L += _strata("true diameter", st["overall"].get("cluster_by_size", {}))
     L += _strata("category", st["overall"].get("cluster_by_category", {}))
+    L += _touch_table(st)
     if "cluster_rated" in st["overall"]:
         L += _rated_lines(st)
     return L + _fp_lines(st["overall"], st.get("settings", {}).get("mimic_distance_mm", 3))
@@ -665,7 +686,8 @@ def _stage_lines(st: dict) -> list:
     L += [_stage_cells(m.upper(), g) for m, g in sorted(st["by_modality"].items())]
     L += [_stage_cells("all", st["overall"]), ""]
     strata = (_strata("true diameter", st["overall"].get("cluster_by_size", {}))
-              + _strata("category", st["overall"].get("cluster_by_category", {})))
+              + _strata("category", st["overall"].get("cluster_by_category", {}))
+              + _touch_table(st))
     if strata:
         L += ["### By true diameter and location (all modalities)", ""] + strata
     return L
