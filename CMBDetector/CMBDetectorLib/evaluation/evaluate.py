@@ -419,7 +419,7 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
     sizes = lambda s: [M.size_bin(d, size_edges) if np.isfinite(d) else "unknown"  # noqa: E731
                        for d in s["_refs"]["diameter_mm"]]
     cats = lambda s: s["_refs"]["category"]  # noqa: E731
-    touch = lambda s: s["_refs"].get("touches", ["unknown"] * len(s["_refs"]["category"]))  # noqa: E731
+    touch = lambda s: s["_refs"]["touches"]  # noqa: E731
     vbins = M.size_bin_labels(M.VISIBLE_SIZE_BINS_MM)
     visible = lambda s: s["_visible_bin"]  # noqa: E731
     rated = lambda s: s["_rated"]  # noqa: E731
