@@ -233,6 +233,18 @@ def test_a_kept_runs_document_names_its_own_bundles_command(tiny_run, tmp_path):
     assert "runs/kept" not in V.build(run, tmp_path / "docs2")
 
 
+def test_grown_held_out_splits_are_named_in_the_command_line():
+    """The manifest keeps the sizes the bundle was exported with; a run whose held-out splits
+    grew afterwards says how, and a run that did not says nothing more."""
+    manifest = {"training": {"command": "cmbdetector train --export", "overrides": {},
+                             "config": {"n_test": 6, "n_cross": 6}}}
+    grown = V._command_line({"seed": 1, "n_test": 30, "n_cross": 6}, manifest)
+    assert "`\"n_test\": 30`" in grown and "--phases evaluate" in grown
+    assert "n_cross" not in grown
+    same = V._command_line({"seed": 1, "n_test": 6, "n_cross": 6}, manifest)
+    assert "grown" not in same and same.endswith("runs/main docs`.")
+
+
 def _truth(folder: Path, seed: int, width: float) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"sub-{seed}_truth.json").write_text(json.dumps(

@@ -192,6 +192,37 @@ def test_other_config_in_same_folder_refused(tiny_run):
         Run(tiny_run[0], cfg)
 
 
+def test_a_larger_test_split_scores_the_new_scans_and_reuses_the_old(tiny_run, tmp_path):
+    """n_test / n_cross may grow on a resumed run (they choose no training subject): the
+    evaluate phase simulates and scores the new subjects only; shrinking is refused."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    models = tmp_path / "models"
+    shutil.copytree(tiny_run[1], models)
+    cfg = TrainConfig.tiny()
+    run_training(run, cfg, models, phases=("evaluate",))
+    old = sorted((run / "eval" / "pred").glob("*_detection.json"))
+    assert len(old) == cfg.n_test * len(cfg.modalities)
+    stamps = {p.name: p.stat().st_mtime_ns for p in old}
+    cfg.n_test += 1
+    run_training(run, cfg, models, phases=("evaluate",))
+    now = sorted((run / "eval" / "pred").glob("*_detection.json"))
+    assert len(now) == cfg.n_test * len(cfg.modalities)
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in now if p.name in stamps)
+    ev = json.loads((run / "eval" / "student" / "evaluation.json").read_text())
+    assert ev["overall"]["scans"] == cfg.n_test * len(cfg.modalities)
+    assert json.loads((run / "config.json").read_text())["n_test"] == cfg.n_test
+    cfg.n_test -= 1
+    with pytest.raises(InputError, match="n_test below the run's"):
+        Run(run, cfg)
+    cfg.n_test += 1
+    cfg.teacher_steps += 1
+    with pytest.raises(InputError, match="another configuration"):
+        Run(run, cfg)
+
+
 def test_cases_from_another_simulator_version_refused(tiny_run, tmp_path):
     import shutil
 

@@ -193,7 +193,22 @@ def _command_line(cfg: dict, manifest: dict) -> str:
             f" (seed {cfg['seed']})"
             + (f" with `OVERRIDES.json` = `{json.dumps(train['overrides'])}`"
                if train.get("overrides") else "")
-            + ", then `python -m CMBDetectorLib.evaluation.validation_doc runs/main docs`.")
+            + ", then `python -m CMBDetectorLib.evaluation.validation_doc runs/main docs`."
+            + _grown_line(cfg, train.get("config", {})))
+
+
+def _grown_line(cfg: dict, trained: dict) -> str:
+    """When the held-out splits were grown after the export (a resumed run may raise
+    ``n_test`` / ``n_cross``), how: the manifest keeps the sizes it was exported with."""
+    from ..training.train import EVALUATION_SIZES
+
+    grown = {k: cfg[k] for k in EVALUATION_SIZES
+             if k in cfg and k in trained and cfg[k] != trained[k]}
+    if not grown:
+        return ""
+    return (" The held-out splits were grown afterwards (the models unchanged): the same "
+            "command with " + ", ".join(f"`\"{k}\": {v}`" for k, v in grown.items())
+            + " in `OVERRIDES.json` and `--phases evaluate`.")
 
 
 def _detect_line(op: dict, manifest: dict, scans: str) -> str:

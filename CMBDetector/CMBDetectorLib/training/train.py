@@ -237,6 +237,17 @@ class TrainConfig:
                    pool_n_cmbs=(3, 4), choose_edge_distance=True)
 
 
+#: Settings a run may raise when it resumes: the sizes of the held-out splits. No training
+#: subject depends on them (each split has its own seed range), so a larger split judges the
+#: same models on more scans, and the scans already scored are reused.
+EVALUATION_SIZES = ("n_test", "n_cross")
+
+
+def _training_part(cfg: dict) -> dict:
+    """A run's configuration without :data:`EVALUATION_SIZES`."""
+    return {k: v for k, v in cfg.items() if k not in EVALUATION_SIZES}
+
+
 #: Settings added after run folders existed, with the value that reproduces a folder made
 #: before them (which therefore lacks them).
 LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
@@ -660,9 +671,17 @@ class Run:
         cfg_path = self.dir / "config.json"
         if cfg_path.exists():
             old = {**LEGACY_SETTINGS, **json.loads(cfg_path.read_text())}
-            if old != json.loads(json.dumps(asdict(cfg))):
+            now = json.loads(json.dumps(asdict(cfg)))
+            if _training_part(old) != _training_part(now):
                 raise InputError(f"{cfg_path}: the run folder holds another configuration; "
                                  "use a new --run-dir")
+            fewer = [k for k in EVALUATION_SIZES if now[k] < old[k]]
+            if fewer:
+                raise InputError(f"{cfg_path}: {', '.join(fewer)} below the run's "
+                                 f"({', '.join(str(old[k]) for k in fewer)}); held-out splits "
+                                 "only grow")
+            if now != old:  # a larger held-out split: the evaluate phase scores the new scans
+                cfg_path.write_text(json.dumps(now, indent=1))
         else:
             cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
         self.seeds = subject_seeds(cfg)
