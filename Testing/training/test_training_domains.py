@@ -285,7 +285,7 @@ def test_distilled_student_sees_the_changed_patch_and_the_teacher_the_clean_one(
     def one_step(model, batches, steps, ckpt, lr, every, name, loss_fn, seed):
         batch = batches(np.random.default_rng(seed))
         seen["batch"] = batch
-        seen["loss"] = float(loss_fn(model, batch))
+        seen["loss"] = float(loss_fn(model, batch).detach())
 
     monkeypatch.setattr(T, "fit", one_step)
     r.train_student(True)
