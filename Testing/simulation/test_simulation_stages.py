@@ -78,11 +78,17 @@ def test_config_stays_flat_and_blocks_hide_other_stages_fields():
     assert cfg.block("cmbs").swi_power == 3  # borrowed for dark-context placement
     assert vars(cfg.block("truth")) == {}
     # the overrides that experiments and training configs pass still construct a config
+    # (a run's logs/ beside its weights hold loss curves and sources, not configs)
+    built = 0
     for path in glob.glob(str(ROOT / "docs" / "experiments" / "**" / "*.json"), recursive=True):
+        if "logs" in Path(path).parts:
+            continue
         d = json.loads(Path(path).read_text())
         for key in ("sim_config", "detector_sim_config"):
-            if isinstance(d.get(key), dict):
+            if isinstance(d.get(key), dict) and d[key]:
                 SimulationConfig(**d[key])
+                built += 1
+    assert built  # v32's detector_sim_config at least
     with pytest.raises(ValueError):
         run_stages(0, clean(), until="no_such_stage")
 
