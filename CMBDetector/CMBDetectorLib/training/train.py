@@ -716,9 +716,11 @@ class Run:
         return self.path("cases", f"sub-{seed}_{modality}.npz")
 
     def data_splits(self) -> tuple:
-        """The training splits to simulate: pool A only when a detector is to be trained."""
+        """The training splits to simulate: pool A only when a detector is still to be
+        trained (not reused, and not already trained by this run before it resumed)."""
         splits = ("pool_b_train", "pool_b_val", "val_extra")
-        return splits if self.cfg.detector_weights else ("pool_a",) + splits
+        done = self.cfg.detector_weights or self.path("weights", "detector.pt").exists()
+        return splits if done else ("pool_a",) + splits
 
     def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val", "val_extra")):
         """Simulate training subjects and prepare each modality like inference does; with
