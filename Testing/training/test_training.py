@@ -480,13 +480,13 @@ def test_reused_detector_is_copied_checked_and_skips_pool_a(tiny_run, tmp_path):
     cfg.detector_weights = str(src)
     run = Run(tmp_path / "reuse", cfg)
     assert "pool_a" not in run.data_splits()
-    run.train_detector()
-    copied = tmp_path / "reuse" / "weights" / "detector.pt"
     resumed = Run(tmp_path / "resume", TrainConfig.tiny())
     assert "pool_a" in resumed.data_splits()  # its detector is still to be trained
     (tmp_path / "resume" / "weights").mkdir(parents=True, exist_ok=True)
     (tmp_path / "resume" / "weights" / "detector.pt").write_bytes(src.read_bytes())
     assert "pool_a" not in resumed.data_splits()  # trained before it resumed: no pool A
+    run.train_detector()
+    copied = tmp_path / "reuse" / "weights" / "detector.pt"
     assert copied.read_bytes() == src.read_bytes()
     log = json.loads((tmp_path / "reuse" / "logs" / "detector_source.json").read_text())
     assert log["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
