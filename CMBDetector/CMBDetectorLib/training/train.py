@@ -719,7 +719,7 @@ class Run:
         """The training splits to simulate: pool A only when a detector is still to be
         trained (not reused, and not already trained by this run before it resumed)."""
         splits = ("pool_b_train", "pool_b_val", "val_extra")
-        done = self.cfg.detector_weights or self.path("weights", "detector.pt").exists()
+        done = self.cfg.detector_weights or (self.dir / "weights" / "detector.pt").exists()
         return splits if done else ("pool_a",) + splits
 
     def build_cases(self, splits=("pool_a", "pool_b_train", "pool_b_val", "val_extra")):
