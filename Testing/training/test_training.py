@@ -377,6 +377,36 @@ def test_extra_validation_subjects_join_the_operating_point_only(tiny_run, tmp_p
         Run(run, cfg).validation_rows()
 
 
+def test_bank_is_rebuilt_from_the_tables_at_another_patch_size(tiny_run, tmp_path):
+    """A run that changes only the patch size reuses another run's cases and candidate
+    tables: same patches, same draws, without the detector."""
+    import shutil
+
+    src = np.load(tiny_run[0] / "banks" / "candidates.npz")
+    for grow in (0, 8):
+        run = tmp_path / f"grow{grow}"
+        shutil.copytree(tiny_run[0], run)
+        for stale in ("config.json", "banks/candidates.npz", "weights/detector.pt"):
+            (run / stale).unlink()
+        cfg = TrainConfig.tiny()
+        cfg.disc_patch += grow
+        run_training(run, cfg, phases=("candidates",))  # no detector: it must not run
+        assert not (run / "weights" / "detector.pt").exists()
+        new = np.load(run / "banks" / "candidates.npz")
+        for k in ("cls", "kind", "subj"):
+            np.testing.assert_array_equal(new[k], src[k])
+        h = grow // 2
+        inner = (slice(None),) * 2 + (slice(h, h + TrainConfig.tiny().disc_patch),) * 3
+        assert new["x"].shape[-1] == cfg.disc_patch
+        np.testing.assert_array_equal(new["x"][inner], src["x"])
+        np.testing.assert_array_equal(new["seg"][inner[1:]], src["seg"])
+    (run / "banks" / "candidates.npz").unlink()
+    first = json.loads((run / "banks" / "candidates.json").read_text())[0]["case"]
+    (run / "cases" / f"{first}.npz").unlink()
+    with pytest.raises(InputError, match="need their cases"):
+        run_training(run, cfg, phases=("candidates",))
+
+
 def test_settings_added_later_take_their_legacy_value(tmp_path):
     from CMBDetectorLib.training.train import LEGACY_SETTINGS
 

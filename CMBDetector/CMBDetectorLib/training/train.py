@@ -902,6 +902,8 @@ class Run:
         from .data import discriminator_patches
 
         path = self.path("banks", "candidates.npz")
+        if not path.exists() and self.path("banks", "candidates.json").exists():
+            self.rebuild_bank(path)
         if not path.exists():
             rng = np.random.default_rng(self.cfg.seed + 4)
             xs, segs, cls, kinds, subj, rows = [], [], [], [], [], []
@@ -923,6 +925,34 @@ class Run:
             rows = [_candidate_row(case, tab, 1)
                     for _, case, tab in self._tables(todo, total, "validation candidates")]
             extra.write_text(json.dumps(rows))
+
+    def rebuild_bank(self, path: Path) -> None:
+        """The patch bank again from the stored candidate tables, at this run's
+        ``disc_patch``, without running the detector: a run that changes only the
+        discriminators' patch size starts from another run's cases and ``candidates.json``.
+        The patches come in the same order with the same random draws as the bank made with
+        the tables, so at the same size the two banks are equal."""
+        from .data import Case, discriminator_patches
+
+        rows = json.loads(self.path("banks", "candidates.json").read_text())
+        rng = np.random.default_rng(self.cfg.seed + 4)
+        xs, segs, cls, kinds, subj = [], [], [], [], []
+        bar = ProgressBar("patches")
+        for n, row in enumerate(rows):
+            case_file = self.dir / "cases" / f"{row['case']}.npz"
+            if not case_file.exists():
+                raise InputError(f"{case_file} is missing: the candidate tables need their cases")
+            case = Case.load(case_file)
+            tab = {"centres": np.array(row["centres"], float).reshape(-1, 3),
+                   "pmax": np.asarray(row["pmax"], float),
+                   "is_cmb": np.asarray(row["is_cmb"], bool), "mimic": row["mimic"]}
+            x, s, c, k = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
+            xs.append(x), segs.append(s), cls.append(c), kinds.append(k)
+            subj += [n * 2 + int(row["val"])] * len(c)
+            bar((n + 1) / len(rows), case.name)
+        bar.close()
+        np.savez(path, x=np.concatenate(xs), seg=np.concatenate(segs), cls=np.concatenate(cls),
+                 kind=np.concatenate(kinds), subj=np.array(subj))
 
     def _tables(self, todo, total: int, label: str):
         """(is_val, case, candidate table) for each (is_val, case) of the iterable ``todo``
