@@ -161,7 +161,9 @@ class TrainConfig:
     #: (:data:`~CMBDetectorLib.training.data.PATCH_KINDS`; 1 where not listed), e.g.
     #: ``{"calcification": 8}``: on GRE magnitude a calcification looks like a CMB but for its
     #: site, and drawn uniformly it was 2 % of the negatives (v21: all 16 GRE false positives
-    #: of the selection set were calcifications). Empty: uniform, as before.
+    #: of the selection set were calcifications). Empty: uniform, as before. A key
+    #: ``"<modality>:<kind>"`` (e.g. ``"swi:calcification": 1``) sets that kind's weight on one
+    #: modality's patches only, overriding the plain key there.
     negative_weights: dict = field(default_factory=dict)
     #: Largest raw tissue level (normalised units) for the discriminator's local-gain
     #: augmentation (:func:`augment_patch`); 0: gain about 0 only, as before.
@@ -991,23 +993,43 @@ class Run:
         kind = z["kind"][keep] if "kind" in z.files else None
         return z["x"][keep], z["seg"][keep], z["cls"][keep].astype(np.int64), kind
 
-    def negative_probabilities(self, kind, neg: np.ndarray):
+    def patch_modalities(self, val: bool) -> np.ndarray:
+        """The modality of each training (or validation) patch of the bank, in
+        :meth:`disc_bank` order (a patch's subject index is twice its candidate row's)."""
+        rows = json.loads(self.path("banks", "candidates.json").read_text())
+        subj = np.load(self.path("banks", "candidates.npz"))["subj"]
+        keep = (subj % 2 == 1) if val else (subj % 2 == 0)
+        return np.array([rows[i // 2]["modality"] for i in subj[keep]])
+
+    def negative_probabilities(self, kind, neg: np.ndarray, modality=None):
         """Drawing probabilities of the negatives ``neg`` under ``negative_weights`` (None:
-        uniform, drawn exactly as before the setting existed)."""
+        uniform, drawn exactly as before the setting existed); ``modality`` (each patch's,
+        needed only for ``"<modality>:<kind>"`` keys) applies the per-modality weights."""
         from .data import PATCH_KINDS
 
         weights = self.cfg.negative_weights
         if not weights:
             return None
-        unknown = sorted(set(weights) - set(PATCH_KINDS[1:]))
+        plain = {k: float(v) for k, v in weights.items() if ":" not in k}
+        qualified = {tuple(k.split(":", 1)): float(v) for k, v in weights.items() if ":" in k}
+        unknown = sorted((set(plain) | {k for _, k in qualified}) - set(PATCH_KINDS[1:]))
         if unknown:
             raise InputError(f"negative_weights: unknown patch kind(s) {unknown}; "
                              f"known: {', '.join(PATCH_KINDS[1:])}")
+        other = sorted({m for m, _ in qualified} - set(self.cfg.modalities))
+        if other:
+            raise InputError(f"negative_weights: modality {other} is not one of this run's "
+                             f"({', '.join(self.cfg.modalities)})")
         if kind is None:
             raise InputError("negative_weights needs a candidate bank with patch kinds: delete "
                              f"{self.path('banks', 'candidates.npz')} and rerun the candidates phase")
-        table = np.array([float(weights.get(k, 1.0)) for k in PATCH_KINDS])
+        table = np.array([plain.get(k, 1.0) for k in PATCH_KINDS])
         w = table[kind[neg]]
+        if qualified:
+            if modality is None:
+                raise InputError("negative_weights: per-modality keys need each patch's modality")
+            for (mod, k), v in qualified.items():
+                w[(modality[neg] == mod) & (kind[neg] == PATCH_KINDS.index(k))] = v
         return w / w.sum()
 
     def _disc_batches(self, x, seg, cls, kind=None, with_clean: bool = False):
@@ -1017,7 +1039,9 @@ class Run:
 
         pos, neg = np.flatnonzero(cls == 1), np.flatnonzero(cls == 0)
         half = self.cfg.disc_batch // 2
-        p_neg = self.negative_probabilities(kind, neg)
+        per_modality = any(":" in k for k in self.cfg.negative_weights)
+        p_neg = self.negative_probabilities(
+            kind, neg, self.patch_modalities(False) if per_modality else None)
 
         def batches(rng):
             idx = np.concatenate([rng.choice(pos, half),
