@@ -676,6 +676,41 @@ def test_negative_weights_set_the_share_of_each_kind(tmp_path):
         Run(tmp_path / "x", cfg).negative_probabilities(kind, neg)
 
 
+def test_negative_weights_per_modality_override_the_plain_weight(tmp_path):
+    from CMBDetectorLib.training.data import PATCH_KINDS
+
+    calc, other = PATCH_KINDS.index("calcification"), PATCH_KINDS.index("other")
+    kind = np.array(([other] * 45 + [calc] * 5) * 2, np.int8)
+    modality = np.array(["gre"] * 50 + ["swi"] * 50)
+    neg = np.arange(len(kind))
+    cfg = TrainConfig.tiny()
+    cfg.negative_weights = {"calcification": 9.0, "swi:calcification": 1.0}
+    run = Run(tmp_path / "m", cfg)
+    p = run.negative_probabilities(kind, neg, modality)
+    assert p.sum() == pytest.approx(1.0)
+    gre_calc = p[(modality == "gre") & (kind == calc)].sum()
+    swi_calc = p[(modality == "swi") & (kind == calc)].sum()
+    assert gre_calc == pytest.approx(45 / 140) and swi_calc == pytest.approx(5 / 140)
+    with pytest.raises(InputError, match="modality"):
+        run.negative_probabilities(kind, neg)  # per-modality keys without the modalities
+    cfg.negative_weights = {"t1:calcification": 1.0}
+    with pytest.raises(InputError, match="not one of this run"):
+        Run(tmp_path / "t1", cfg).negative_probabilities(kind, neg, modality)
+
+
+def test_patch_modalities_follow_the_bank(tiny_run):
+    run = Run(tiny_run[0], TrainConfig.tiny())
+    rows = json.loads((tiny_run[0] / "banks" / "candidates.json").read_text())
+    subj = np.load(tiny_run[0] / "banks" / "candidates.npz")["subj"]
+    for val in (False, True):
+        mods = run.patch_modalities(val)
+        assert len(mods) == len(run.disc_bank(val)[2])
+        keep = subj[(subj % 2 == 1) if val else (subj % 2 == 0)]
+        # the case each patch came from (its file name's suffix) is of that modality
+        assert list(mods) == [rows[i // 2]["case"].rsplit("_", 1)[1] for i in keep]
+        assert set(mods) == set(TrainConfig.tiny().modalities)
+
+
 def test_tiny_run_bank_records_patch_kinds(tiny_run):
     z = np.load(tiny_run[0] / "banks" / "candidates.npz")
     assert len(z["kind"]) == len(z["cls"])
