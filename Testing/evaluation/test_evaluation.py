@@ -140,6 +140,37 @@ def test_sensitivity_by_what_the_cmb_touches(dataset):
     assert "TPR by what the CMB touches" not in E.format_report(plain)
 
 
+def test_visible_swi_cmbs_by_phase_mask_and_projection(dataset):
+    """Simulated SWI truth records its phase-mask sign and mIP; the visible CMBs found are
+    counted by each (the two settings behind most SWI misses), and VALIDATION.md shows them."""
+    from CMBDetectorLib.evaluation.validation_doc import _swi_processing_table
+
+    (t1, l1), (t2, l2) = dataset["t"]
+    r1, r2 = dataset["r"]
+    t1 = json.loads(json.dumps(t1))
+    for c in t1["cmbs"]:
+        c["swi_visible_diameter_mm"] = 3.0  # both rated; CMB1 is found, CMB2 missed
+    t1["params"] = {"appearance": {"swi": {"mask": "positive", "power": 6, "mip": 3}}}
+    res = E.evaluate_subjects([E.case_from_result("sub-001_swi", r1, t1, l1),
+                               E.case_from_result("sub-002_swi", r2, t2, l2)])
+    g = res["by_modality"]["swi"]
+    assert g["cluster_rated_by_swi_mask"] == {"positive": {"n_ref": 2, "detected": 1, "tpr": 0.5}}
+    assert g["cluster_rated_by_swi_mip"] == {"mIP of 3 slices": {"n_ref": 2, "detected": 1,
+                                                                 "tpr": 0.5}}
+    json.dumps(res, allow_nan=False)
+    table = "\n".join(_swi_processing_table(res))
+    assert "| phase mask: positive | 50.0 % (1 of 2) |" in table
+    assert "| projection: mIP of 3 slices | 50.0 % (1 of 2) |" in table
+    r1.modality = "gre"  # the same truth on a GRE scan: no SWI processing to count
+    gre = E.evaluate_subjects([E.case_from_result("sub-001_gre", r1, t1, l1)])
+    assert "cluster_rated_by_swi_mask" not in gre["overall"]
+    (t1, l1), _ = dataset["t"]  # no params (a user's own truth): nothing counted, no table
+    r1.modality = "swi"
+    plain = E.evaluate_subjects([E.case_from_result("sub-001_swi", r1, t1, l1)])
+    assert "cluster_rated_by_swi_mask" not in plain["by_modality"]["swi"]
+    assert _swi_processing_table(plain) == []
+
+
 def test_cli_round_trip(dataset, capsys):
     out = dataset["tmp"] / "report"
     code = main(["evaluate", str(dataset["pred"]), str(dataset["truth"]), "-o", str(out)])

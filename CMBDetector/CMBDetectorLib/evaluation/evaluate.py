@@ -246,7 +246,23 @@ def _case_header(case: EvalCase, refs: dict, rated_diameter_mm: float) -> dict:
                            for d in vis]
     out["_rated"] = [("rated" if d >= rated_diameter_mm else "below criterion")
                      if np.isfinite(d) else "unknown" for d in vis]
+    mask, mip = swi_processing(case)
+    out["_swi_mask"] = [mask if r == "rated" else None for r in out["_rated"]]
+    out["_swi_mip"] = [mip if r == "rated" else None for r in out["_rated"]]
     return out
+
+
+def swi_processing(case: EvalCase) -> tuple:
+    """(phase-mask sign, mIP) of a simulated SWI scan from its truth's ``params``, e.g.
+    ``("negative", "no mIP")``; (None, None) for another modality or a truth without them.
+    The two settings that decide most SWI misses (docs/training.md, fourteenth session)."""
+    if str(case.modality).lower() != "swi":
+        return None, None
+    swi = (((case.truth or {}).get("params") or {}).get("appearance") or {}).get("swi")
+    if not isinstance(swi, dict) or "mask" not in swi:
+        return None, None
+    mip = int(swi.get("mip") or 0)
+    return str(swi["mask"]), (f"mIP of {mip} slices" if mip else "no mIP")
 
 
 def _score_label_maps(case: EvalCase, refs: dict, out: dict, distance_mm: float,
@@ -454,6 +470,12 @@ def _pool(scored: list, distance_mm: float, point_rule: str, size_edges, do_froc
                                              lambda s: s["_cluster_hit_by_ref"])
         res["cluster_by_touches"] = _strata(with_maps, "touches", touch,
                                             lambda s: s["_cluster_hit_by_ref"])
+        for key in ("_swi_mask", "_swi_mip"):  # visible (rated) SWI CMBs of simulated scans
+            by = _strata(with_maps, key, lambda s, k=key: s[k],
+                         lambda s: s["_cluster_hit_by_ref"])
+            by.pop(None, None)
+            if by:
+                res["cluster_rated_by" + key] = dict(sorted(by.items()))
     res["fp_types"] = {}
     for s in scored:
         _add_counts(res["fp_types"], s["fp_types"])
