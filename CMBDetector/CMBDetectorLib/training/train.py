@@ -900,7 +900,8 @@ class Run:
     def candidate_tables(self):
         """Out-of-fold candidates on pool B with a low threshold (``candidate_floor``); the
         operating candidate threshold is chosen afterwards for the target sensitivity. Then
-        the candidate tables of the extra validation subjects (no patches)."""
+        the candidate tables of the extra validation subjects (no patches). A folder that has
+        the tables but no patch bank gets the bank from the tables (:meth:`rebuild_bank`)."""
         from .data import discriminator_patches
 
         path = self.path("banks", "candidates.npz")
