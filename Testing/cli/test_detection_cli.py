@@ -154,6 +154,19 @@ def test_one_bad_scan_does_not_stop_the_batch(scan, tmp_path, low_models):
     assert (out / "good_swi_lesions.csv").exists()
 
 
+def test_a_projection_gets_a_note_and_still_runs(scan, tmp_path, low_models):
+    import shutil
+
+    mip = tmp_path / "sub-01_swi_mIP.nii.gz"
+    shutil.copyfile(scan, mip)
+    r = cli("detect", scan, mip, "--modality", "swi", "--output-dir", tmp_path / "o",
+            "--models", low_models, "--quiet")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "minimum-intensity projection" in line]
+    assert len(notes) == 1 and notes[0].startswith("cmbdetector: note: sub-01_swi_mIP.nii.gz")
+    assert (tmp_path / "o" / "sub-01_swi_mIP_lesions.csv").exists()
+
+
 def test_missing_weights_clear_error(scan, tmp_path):
     r = cli("detect", scan, "--modality", "swi", "--output-dir", tmp_path / "o", "--models",
             tmp_path)

@@ -10,6 +10,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
+from CMBDetectorLib.engine.naming import MIN_IP_NOTE  # noqa: E402
 from CMBDetectorLib.slicer_module import mrml  # noqa: E402
 from CMBDetectorLib.slicer_module.logic import CMBDetectorLogic  # noqa: E402
 from CMBDetectorLib.slicer_module.panel import (INPUT_CONTROLS, REVIEW_CONTROLS, PanelController,  # noqa: E402
@@ -80,6 +81,20 @@ def test_run_locks_inputs_and_publishes_on_the_volume_it_ran_on(scene, scan):
     controls = c.enabledControls()
     assert all(controls[n] for n in INPUT_CONTROLS + REVIEW_CONTROLS)
     assert not controls["cancelButton"] and c.lesionCountText() == "5"
+
+
+def test_a_projection_input_gets_a_note_and_the_swi_itself_none(scene, scan):
+    arr, m, _ = scan
+    mip = add_volume(scene, arr, m, name="SWI_mIP")
+    swi = add_volume(scene, arr, m, name="SWI_Images")
+    c, view = _controller(scene)
+    p = PanelParameters(inputVolume=swi, threshold=0.3, thresholdFromModels=True)
+    c.setParameters(p)
+    c.parametersModified()
+    assert MIN_IP_NOTE not in view.statuses
+    p.inputVolume = mip
+    c.parametersModified()
+    assert view.statuses[-1] == MIN_IP_NOTE and p.modality == "SWI"
 
 
 def test_threshold_moves_refilter_only_the_current_volume(scene, scan):

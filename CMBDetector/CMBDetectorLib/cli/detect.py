@@ -103,6 +103,7 @@ def run_command(args) -> int:
 
     from ..engine.detection import default_settings, detect, detect_prepared, prepare_scan
     from ..engine.models import load_bundle, read_manifest
+    from ..engine.naming import MIN_IP_NOTE, looks_like_projection
     from ..engine.volume import read_volume
 
     if args.mask and len(args.scans) > 1:
@@ -120,6 +121,8 @@ def run_command(args) -> int:
         for n, scan in enumerate(args.scans, start=1):
             bar = ProgressBar(f"[{n}/{len(args.scans)}] {Path(scan).name}")
             prepared = None
+            if looks_like_projection(Path(scan).name):
+                print(f"cmbdetector: note: {Path(scan).name}: {MIN_IP_NOTE}", file=sys.stderr)
             try:
                 volume = read_volume(scan)
                 mask = read_volume(args.mask) if args.mask else None

@@ -132,12 +132,16 @@ class PanelController:
         self.view.refresh()
 
     def _guessModality(self) -> None:
+        from ..engine.naming import MIN_IP_NOTE, looks_like_projection
         from . import mrml
 
         node = self.params.inputVolume
         if node is None or self.running:
             return
-        guess = mrml.guess_modality(node.GetName(), mrml.series_description(node))
+        texts = (node.GetName(), mrml.series_description(node))
+        if looks_like_projection(*texts):
+            self.view.status(MIN_IP_NOTE)
+        guess = mrml.guess_modality(*texts)
         if guess and self.params.modality != MODALITY_BY_ENGINE[guess]:
             self.params.modality = MODALITY_BY_ENGINE[guess]  # re-enters parametersModified
 
