@@ -57,13 +57,20 @@ def _wait(c, limit=60.0):
         time.sleep(0.02)
 
 
-def test_run_locks_inputs_and_publishes_on_the_volume_it_ran_on(scene, scan):
+def _two_volumes(scene, scan, first: str, second: str):
+    """Two volumes of the same scan and a controller showing the first:
+    (first, second, controller, view, parameters)."""
     arr, m, _ = scan
-    a = add_volume(scene, arr, m, name="scan A")
-    b = add_volume(scene, arr, m, name="scan B")
+    a = add_volume(scene, arr, m, name=first)
+    b = add_volume(scene, arr, m, name=second)
     c, view = _controller(scene)
     p = PanelParameters(inputVolume=a, threshold=0.3, thresholdFromModels=True)
     c.setParameters(p)
+    return a, b, c, view, p
+
+
+def test_run_locks_inputs_and_publishes_on_the_volume_it_ran_on(scene, scan):
+    a, b, c, view, p = _two_volumes(scene, scan, "scan A", "scan B")
     assert c.detect(location=False)
     controls = c.enabledControls()
     assert not any(controls[n] for n in INPUT_CONTROLS + REVIEW_CONTROLS)
@@ -84,12 +91,7 @@ def test_run_locks_inputs_and_publishes_on_the_volume_it_ran_on(scene, scan):
 
 
 def test_a_projection_input_gets_a_note_and_the_swi_itself_none(scene, scan):
-    arr, m, _ = scan
-    mip = add_volume(scene, arr, m, name="SWI_mIP")
-    swi = add_volume(scene, arr, m, name="SWI_Images")
-    c, view = _controller(scene)
-    p = PanelParameters(inputVolume=swi, threshold=0.3, thresholdFromModels=True)
-    c.setParameters(p)
+    swi, mip, c, view, p = _two_volumes(scene, scan, "SWI_Images", "SWI_mIP")
     c.parametersModified()
     assert MIN_IP_NOTE not in view.statuses
     p.inputVolume = mip
