@@ -126,22 +126,30 @@ class PanelController:
         if p.inputVolume is not self._volume:
             self._volume = p.inputVolume
             self._appliedThreshold = None
+            self._noteProjection()
             self._guessModality()
         self._followModalityThreshold()
         self._applyThreshold()
         self.view.refresh()
 
-    def _guessModality(self) -> None:
+    def _noteProjection(self) -> None:
+        """Say so when the new input is named as a minimum-intensity projection."""
         from ..engine.naming import MIN_IP_NOTE, looks_like_projection
         from . import mrml
 
         node = self.params.inputVolume
         if node is None or self.running:
             return
-        texts = (node.GetName(), mrml.series_description(node))
-        if looks_like_projection(*texts):
+        if looks_like_projection(node.GetName(), mrml.series_description(node)):
             self.view.status(MIN_IP_NOTE)
-        guess = mrml.guess_modality(*texts)
+
+    def _guessModality(self) -> None:
+        from . import mrml
+
+        node = self.params.inputVolume
+        if node is None or self.running:
+            return
+        guess = mrml.guess_modality(node.GetName(), mrml.series_description(node))
         if guess and self.params.modality != MODALITY_BY_ENGINE[guess]:
             self.params.modality = MODALITY_BY_ENGINE[guess]  # re-enters parametersModified
 

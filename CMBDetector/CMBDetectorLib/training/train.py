@@ -902,24 +902,20 @@ class Run:
         operating candidate threshold is chosen afterwards for the target sensitivity. Then
         the candidate tables of the extra validation subjects (no patches). A folder that has
         the tables but no patch bank gets the bank from the tables (:meth:`rebuild_bank`)."""
-        from .data import discriminator_patches
-
         path = self.path("banks", "candidates.npz")
         if not path.exists() and self.path("banks", "candidates.json").exists():
             self.rebuild_bank(path)
         if not path.exists():
-            rng = np.random.default_rng(self.cfg.seed + 4)
-            xs, segs, cls, kinds, subj, rows = [], [], [], [], [], []
+            rows = []
             splits = [("pool_b_train", 0), ("pool_b_val", 1)]
             todo = ((v, c) for sp, v in splits for c in self.cases(sp))  # one case in RAM
             total = sum(len(self.seeds[sp]) for sp, _ in splits) * len(self.cfg.modalities)
-            for n, (is_val, case, tab) in enumerate(self._tables(todo, total, "candidates")):
-                rows.append(_candidate_row(case, tab, is_val))
-                x, s, c, k = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
-                xs.append(x), segs.append(s), cls.append(c), kinds.append(k)
-                subj += [n * 2 + is_val] * len(c)
-            np.savez(path, x=np.concatenate(xs), seg=np.concatenate(segs),
-                     cls=np.concatenate(cls), kind=np.concatenate(kinds), subj=np.array(subj))
+
+            def tables():
+                for is_val, case, tab in self._tables(todo, total, "candidates"):
+                    rows.append(_candidate_row(case, tab, is_val))
+                    yield is_val, case, tab
+            self._write_bank(path, tables())
             self.path("banks", "candidates.json").write_text(json.dumps(rows))
         extra = self.path("banks", "val_extra.json")
         if self.cfg.n_val_extra and not extra.exists():
@@ -929,33 +925,44 @@ class Run:
                     for _, case, tab in self._tables(todo, total, "validation candidates")]
             extra.write_text(json.dumps(rows))
 
+    def _write_bank(self, path: Path, todo) -> None:
+        """Save the discriminator patches of each ``(is_val, case, table)`` of ``todo``, in
+        order and with the run's random draws, as the patch bank at ``path``."""
+        from .data import discriminator_patches
+
+        rng = np.random.default_rng(self.cfg.seed + 4)
+        parts, subj = [], []
+        for n, (is_val, case, tab) in enumerate(todo):
+            parts.append(discriminator_patches(case, tab, rng, self.cfg.disc_patch))
+            subj += [n * 2 + int(is_val)] * len(parts[-1][2])
+        x, seg, cls, kind = (np.concatenate(p) for p in zip(*parts))
+        np.savez(path, x=x, seg=seg, cls=cls, kind=kind, subj=np.array(subj))
+
     def rebuild_bank(self, path: Path) -> None:
         """The patch bank again from the stored candidate tables, at this run's
         ``disc_patch``, without running the detector: a run that changes only the
         discriminators' patch size starts from another run's cases and ``candidates.json``.
         The patches come in the same order with the same random draws as the bank made with
         the tables, so at the same size the two banks are equal."""
-        from .data import Case, discriminator_patches
+        from .data import Case
 
         rows = json.loads(self.path("banks", "candidates.json").read_text())
-        rng = np.random.default_rng(self.cfg.seed + 4)
-        xs, segs, cls, kinds, subj = [], [], [], [], []
-        bar = ProgressBar("patches")
-        for n, row in enumerate(rows):
-            case_file = self.dir / "cases" / f"{row['case']}.npz"
-            if not case_file.exists():
-                raise InputError(f"{case_file} is missing: the candidate tables need their cases")
-            case = Case.load(case_file)
-            tab = {"centres": np.array(row["centres"], float).reshape(-1, 3),
-                   "pmax": np.asarray(row["pmax"], float),
-                   "is_cmb": np.asarray(row["is_cmb"], bool), "mimic": row["mimic"]}
-            x, s, c, k = discriminator_patches(case, tab, rng, self.cfg.disc_patch)
-            xs.append(x), segs.append(s), cls.append(c), kinds.append(k)
-            subj += [n * 2 + int(row["val"])] * len(c)
-            bar((n + 1) / len(rows), case.name)
-        bar.close()
-        np.savez(path, x=np.concatenate(xs), seg=np.concatenate(segs), cls=np.concatenate(cls),
-                 kind=np.concatenate(kinds), subj=np.array(subj))
+
+        def tables():
+            bar = ProgressBar("patches")
+            for n, row in enumerate(rows):
+                case_file = self.dir / "cases" / f"{row['case']}.npz"
+                if not case_file.exists():
+                    raise InputError(f"{case_file} is missing: the candidate tables need their "
+                                     "cases")
+                case = Case.load(case_file)
+                yield row["val"], case, {
+                    "centres": np.array(row["centres"], float).reshape(-1, 3),
+                    "pmax": np.asarray(row["pmax"], float),
+                    "is_cmb": np.asarray(row["is_cmb"], bool), "mimic": row["mimic"]}
+                bar((n + 1) / len(rows), case.name)
+            bar.close()
+        self._write_bank(path, tables())
 
     def _tables(self, todo, total: int, label: str):
         """(is_val, case, candidate table) for each (is_val, case) of the iterable ``todo``
