@@ -165,6 +165,12 @@ class TrainConfig:
     #: ``"<modality>:<kind>"`` (e.g. ``"swi:calcification": 1``) sets that kind's weight on one
     #: modality's patches only, overriding the plain key there.
     negative_weights: dict = field(default_factory=dict)
+    #: SWI phase masks whose SWI scans train the discriminators and choose the operating point
+    #: (empty: all). The simulator's ``positive`` mask darkens the phase sign that *diamagnetic*
+    #: sources give in its convention: no vendor makes such an SWI (a scanner of the other
+    #: handedness flips the phase sign and its SWI the mask sign, so veins and CMBs stay dark),
+    #: and on it a CMB takes a calcification's pattern, so it trains contradictory labels.
+    swi_masks: list = field(default_factory=list)
     #: Largest raw tissue level (normalised units) for the discriminator's local-gain
     #: augmentation (:func:`augment_patch`); 0: gain about 0 only, as before.
     disc_level_shift: float = 0.0
@@ -263,6 +269,7 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "normalisation": "percentile", "frst_radii_mm": [1.0, 2.0, 3.0],
                    "split_candidates": False, "intensity_aug_prob": 0.0,
                    "init_weights": "", "candidate_floor": 0.1, "negative_weights": {},
+                   "swi_masks": [],
                    "disc_level_shift": 0.0, "patch_norm": False,
                    "intensity_max_factor": 1.6, "mask_threshold": "intensity"}
 
@@ -981,8 +988,8 @@ class Run:
         bar.close()
 
     def validation_rows(self) -> list:
-        """Candidate rows of every validation scan: pool B's validation subjects, then the
-        extra validation subjects."""
+        """Candidate rows of every validation scan in scope (:meth:`in_scope`): pool B's
+        validation subjects, then the extra validation subjects."""
         rows = [r for r in json.loads(self.path("banks", "candidates.json").read_text())
                 if r["val"]]
         extra = self.path("banks", "val_extra.json")
@@ -990,7 +997,37 @@ class Run:
             if not extra.exists():
                 raise InputError(f"{extra} is missing: run the candidates phase")
             rows += json.loads(extra.read_text())
-        return rows
+        return [r for r in rows if self.in_scope(r)]
+
+    def swi_mask(self, case: str) -> str:
+        """The SWI phase mask the simulator made the subject of ``case`` ("sub-<seed>_<mod>")
+        with: its split's configuration, and the simulator's own draw where that says random."""
+        from ..simulation import appearance as ap
+
+        seed = int(case.split("-", 1)[1].split("_", 1)[0])
+        split = next((sp for sp, seeds in self.seeds.items() if seed in seeds), None)
+        if split is None:
+            raise InputError(f"{case}: seed {seed} belongs to none of this run's splits")
+        c = self.sim_config(split, seed)
+        if (c.swi_filter, c.swi_mask, c.swi_mip, c.swi_filter_width) == ("gaussian", "negative",
+                                                                          0, None):
+            return "negative"
+        return ap.draw_swi(c.swi_filter, c.swi_mask, c.swi_mip, c.homodyne_sigma_mm,
+                           c.swi_power, lambda k: ap.family_rng(seed, k),
+                           c.swi_filter_width)["mask"]
+
+    def in_scope(self, row: dict) -> bool:
+        """Whether a candidate row's scan trains and validates the discriminators:
+        every GRE and QSM scan, and the SWI scans whose phase mask is in ``swi_masks``."""
+        if not self.cfg.swi_masks or row["modality"] != "swi":
+            return True
+        from ..simulation.appearance import SWI_MASKS
+
+        unknown = sorted(set(self.cfg.swi_masks) - set(SWI_MASKS))
+        if unknown:
+            raise InputError(f"swi_masks: unknown phase mask(s) {unknown}; known: "
+                             f"{', '.join(SWI_MASKS)}")
+        return self.swi_mask(row["case"]) in self.cfg.swi_masks
 
     # -- phase 4/5 ----------------------------------------------------------------------------
     def disc_bank(self, val: bool):
@@ -1001,13 +1038,25 @@ class Run:
         kind = z["kind"][keep] if "kind" in z.files else None
         return z["x"][keep], z["seg"][keep], z["cls"][keep].astype(np.int64), kind
 
-    def patch_modalities(self, val: bool) -> np.ndarray:
-        """The modality of each training (or validation) patch of the bank, in
+    def _patch_rows(self, val: bool) -> tuple:
+        """The candidate rows, and each training (or validation) patch's row index in
         :meth:`disc_bank` order (a patch's subject index is twice its candidate row's)."""
         rows = json.loads(self.path("banks", "candidates.json").read_text())
         subj = np.load(self.path("banks", "candidates.npz"))["subj"]
         keep = (subj % 2 == 1) if val else (subj % 2 == 0)
-        return np.array([rows[i // 2]["modality"] for i in subj[keep]])
+        return rows, subj[keep] // 2
+
+    def patch_modalities(self, val: bool) -> np.ndarray:
+        """The modality of each training (or validation) patch of the bank, in
+        :meth:`disc_bank` order."""
+        rows, index = self._patch_rows(val)
+        return np.array([rows[i]["modality"] for i in index])
+
+    def patch_scope(self, val: bool) -> np.ndarray:
+        """Whether each training (or validation) patch's scan is in scope (:meth:`in_scope`)."""
+        rows, index = self._patch_rows(val)
+        scope = np.array([self.in_scope(r) for r in rows], bool)
+        return scope[index]
 
     def negative_probabilities(self, kind, neg: np.ndarray, modality=None):
         """Drawing probabilities of the negatives ``neg`` under ``negative_weights`` (None:
@@ -1045,7 +1094,8 @@ class Run:
         ``with_clean`` a fourth item, the patches before the intensity change."""
         import torch
 
-        pos, neg = np.flatnonzero(cls == 1), np.flatnonzero(cls == 0)
+        scope = self.patch_scope(False) if self.cfg.swi_masks else np.ones(len(cls), bool)
+        pos, neg = np.flatnonzero((cls == 1) & scope), np.flatnonzero((cls == 0) & scope)
         half = self.cfg.disc_batch // 2
         per_modality = any(":" in k for k in self.cfg.negative_weights)
         p_neg = self.negative_probabilities(
