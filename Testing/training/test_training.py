@@ -743,3 +743,69 @@ def test_patch_norm_reaches_the_networks_and_the_exported_manifest(tiny_run, tmp
     assert manifest["teacher"]["config"]["patch_norm"] is True
     bundle = load_bundle(tmp_path / "models", device="cpu")
     assert any(isinstance(m, PatchStandardise) for m in bundle.student.modules())
+
+
+def test_swi_mask_is_the_one_the_simulator_drew(tmp_path):
+    from CMBDetectorLib.simulation.simulator import run_stages
+
+    cfg = TrainConfig.tiny()
+    cfg.sim_config = dict(cfg.sim_config, swi_mask="random")
+    run = Run(tmp_path / "m", cfg)
+    seeds = run.seeds["pool_b_train"] + run.seeds["pool_b_val"]
+    drawn = [run.swi_mask(f"sub-{s}_swi") for s in seeds]
+    for seed, mask in zip(seeds, drawn):
+        st = run_stages(seed, run.sim_config("pool_b_train", seed), until="swi")
+        assert st.params["appearance"]["swi"]["mask"] == mask
+    # without the random knob every SWI gets the simulator's negative mask
+    assert Run(tmp_path / "plain", TrainConfig.tiny()).swi_mask(f"sub-{seeds[0]}_swi") == \
+        "negative"
+    with pytest.raises(InputError, match="none of this run's splits"):
+        run.swi_mask("sub-1_swi")
+
+
+def _copy_run_with(tiny_run, folder, **settings):
+    """A copy of the tiny run whose stored configuration has ``settings``, and its config."""
+    import shutil
+
+    shutil.copytree(tiny_run[0], folder)
+    cfg = TrainConfig.tiny()
+    saved = json.loads((folder / "config.json").read_text())
+    for k, v in settings.items():
+        setattr(cfg, k, v)
+        saved[k] = v
+    (folder / "config.json").write_text(json.dumps(saved))
+    return cfg
+
+
+def test_swi_masks_keep_other_swi_scans_out_of_training_and_validation(tiny_run, tmp_path,
+                                                                       monkeypatch):
+    everything = Run(tiny_run[0], TrainConfig.tiny())
+    assert everything.patch_scope(False).all()
+    # the tiny run's SWI scans all have the simulator's negative mask
+    cfg = _copy_run_with(tiny_run, tmp_path / "positive", swi_masks=["positive"])
+    run = Run(tmp_path / "positive", cfg)
+    mods = run.patch_modalities(False)
+    scope = run.patch_scope(False)
+    assert (mods == "swi").any() and not scope[mods == "swi"].any() and scope[mods != "swi"].all()
+    # the batches draw no out-of-scope patch (recovered from each drawn view's address)
+    import CMBDetectorLib.training.train as train_module
+
+    x, seg, cls, kind = run.disc_bank(False)
+    drawn = []
+
+    def record(patch, label, *args):
+        drawn.append((patch.ctypes.data - x.ctypes.data) // x.strides[0])
+        return patch, label
+
+    monkeypatch.setattr(train_module, "augment_patch", record)
+    batches = run._disc_batches(x, seg, cls, kind)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        batches(rng)
+    assert len(drawn) == 20 * cfg.disc_batch and scope[drawn].all()
+    rows = run.validation_rows()
+    assert rows and all(r["modality"] != "swi" for r in rows)
+    assert len(rows) == len(everything.validation_rows()) - 1
+    cfg = _copy_run_with(tiny_run, tmp_path / "odd", swi_masks=["negative", "upside-down"])
+    with pytest.raises(InputError, match="unknown phase mask"):
+        Run(tmp_path / "odd", cfg).validation_rows()

@@ -139,8 +139,10 @@ def _swi_processing_table(st: dict) -> list:
     if not rows:
         return []
     out = ["Visible SWI CMBs found after clean-up, by how the SWI was processed (simulator: "
-           "`negative` is the mask that darkens veins, as SWI is designed to; `positive` "
-           "stands for a pipeline with the phase handedness reversed):", "",
+           "`negative` is the mask that darkens veins and CMBs, as every vendor's SWI does "
+           "whatever its phase handedness; `both` darkens either phase sign; `positive` "
+           "darkens the sign of diamagnetic sources, an SWI made with the wrong sign that no "
+           "scanner makes, on which a CMB looks like a calcification):", "",
            "| SWI processing | found |", "|---|---|"]
     for title, d in rows:
         out += [f"| {title}: {k} | {_pct(v['tpr'])} ({v['detected']} of {v['n_ref']}) |"
