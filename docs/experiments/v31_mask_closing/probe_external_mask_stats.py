@@ -9,12 +9,9 @@ from CMBDetectorLib.engine.volume import read_volume
 from CMBDetectorLib.engine.detection import detect, default_settings
 from CMBDetectorLib.engine.models import load_bundle
 from CMBDetectorLib.engine.outputs import write_outputs
-orig = P.normalise
 def patched(array, mask, modality, method="percentile"):
+    """The ``iqr`` scaling with the automatic mask's statistics, zero outside the given mask."""
     auto = P.brain_mask(array, 1.0, modality, 0.0, "log")
-    out = orig(array, auto, modality, method)
-    a = orig(array, auto | mask, modality, method) if False else None
-    # same scale as the automatic mask, zero outside the given mask
     inside = np.asarray(array, np.float32)[auto]
     sign = -1.0 if modality in ("gre", "swi") else 1.0
     med = float(np.median(inside)); q25, q75 = np.percentile(inside, [25, 75])
