@@ -169,7 +169,8 @@ class TrainConfig:
     #: (empty: all). The simulator's ``positive`` mask darkens the phase sign that *diamagnetic*
     #: sources give in its convention: no vendor makes such an SWI (a scanner of the other
     #: handedness flips the phase sign and its SWI the mask sign, so veins and CMBs stay dark),
-    #: and on it a CMB takes a calcification's pattern, so it trains contradictory labels.
+    #: and on it a CMB takes a calcification's pattern, so it trains contradictory labels
+    #: (v35: leaving those scans out did not move the selection rank).
     swi_masks: list = field(default_factory=list)
     #: Largest raw tissue level (normalised units) for the discriminator's local-gain
     #: augmentation (:func:`augment_patch`); 0: gain about 0 only, as before.
