@@ -1,4 +1,5 @@
-"""What a scan's name says about it, for notes to the user (no Slicer, no torch)."""
+"""What a scan's name says about it: its modality, and whether it is a projection
+(no Slicer, no torch)."""
 from __future__ import annotations
 
 import re
@@ -17,3 +18,23 @@ MIN_IP_NOTE = ("This looks like a minimum-intensity projection (mIP). The models
 def looks_like_projection(*texts: str) -> bool:
     """Whether a volume name or series description names a projection over slices."""
     return any(_PROJECTION.search((t or "").lower()) for t in texts)
+
+
+_MODALITY_PATTERNS = (
+    # QSM first: "susceptibility" also appears in SWI descriptions.
+    ("qsm", ("qsm", "chimap", "chi_map", "chi-map", "susceptibility map", "quantitative susc")),
+    ("swi", ("swi", "swan", "susceptibility weighted", "susceptibility-weighted", "venobold",
+             "sw_", "minip")),
+    ("gre", ("t2*", "t2star", "t2_star", "t2s", "gre", "ffe", "fl2d", "fl3d", "hemo",
+             "gradient echo", "medic", "me_", "mgre")),
+)
+
+
+def guess_modality(*texts: str) -> str | None:
+    """Modality (``swi``, ``gre``, ``qsm``) named by a volume name or series description."""
+    for text in texts:
+        low = (text or "").lower()
+        for modality, patterns in _MODALITY_PATTERNS:
+            if any(p in low for p in patterns):
+                return modality
+    return None

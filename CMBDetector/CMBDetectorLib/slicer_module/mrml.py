@@ -26,6 +26,7 @@ from vtk.util import numpy_support
 
 from ..errors import InputError
 from ..engine.volume import Volume
+from ..engine.naming import guess_modality  # noqa: F401  (the panel and scripts use mrml.guess_modality)
 
 #: Node attributes that tie result nodes to their source volume (used to replace, not pile up).
 ROLE_ATTR = "CMBDetector.Role"
@@ -151,26 +152,6 @@ def series_description(node) -> str:
                 if value:
                     return value
     return ""
-
-
-_MODALITY_PATTERNS = (
-    # QSM first: "susceptibility" also appears in SWI descriptions.
-    ("qsm", ("qsm", "chimap", "chi_map", "chi-map", "susceptibility map", "quantitative susc")),
-    ("swi", ("swi", "swan", "susceptibility weighted", "susceptibility-weighted", "venobold",
-             "sw_", "minip")),
-    ("gre", ("t2*", "t2star", "t2_star", "t2s", "gre", "ffe", "fl2d", "fl3d", "hemo",
-             "gradient echo", "medic", "me_", "mgre")),
-)
-
-
-def guess_modality(*texts: str) -> str | None:
-    """Modality (``swi``, ``gre``, ``qsm``) named by a volume name or series description."""
-    for text in texts:
-        low = (text or "").lower()
-        for modality, patterns in _MODALITY_PATTERNS:
-            if any(p in low for p in patterns):
-                return modality
-    return None
 
 
 def _nearest_resample(labels: np.ndarray, labels_ijk_to_ras: np.ndarray,

@@ -144,12 +144,13 @@ class PanelController:
             self.view.status(MIN_IP_NOTE)
 
     def _guessModality(self) -> None:
+        from ..engine.naming import guess_modality
         from . import mrml
 
         node = self.params.inputVolume
         if node is None or self.running:
             return
-        guess = mrml.guess_modality(node.GetName(), mrml.series_description(node))
+        guess = guess_modality(node.GetName(), mrml.series_description(node))
         if guess and self.params.modality != MODALITY_BY_ENGINE[guess]:
             self.params.modality = MODALITY_BY_ENGINE[guess]  # re-enters parametersModified
 

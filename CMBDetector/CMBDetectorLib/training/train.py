@@ -1010,9 +1010,6 @@ class Run:
         if split is None:
             raise InputError(f"{case}: seed {seed} belongs to none of this run's splits")
         c = self.sim_config(split, seed)
-        if (c.swi_filter, c.swi_mask, c.swi_mip, c.swi_filter_width) == ("gaussian", "negative",
-                                                                          0, None):
-            return "negative"
         return ap.draw_swi(c.swi_filter, c.swi_mask, c.swi_mip, c.homodyne_sigma_mm,
                            c.swi_power, lambda k: ap.family_rng(seed, k),
                            c.swi_filter_width)["mask"]
