@@ -167,6 +167,23 @@ def test_a_projection_gets_a_note_and_still_runs(scan, tmp_path, low_models):
     assert (tmp_path / "o" / "sub-01_swi_mIP_lesions.csv").exists()
 
 
+def test_an_mip_named_like_any_swi_is_found_from_its_voxels(small_subject, tmp_path, low_models):
+    """A series exported as plain "SWI" that is a sliding minimum over 4 slices: the command
+    line says so (with the slab), and detection.json keeps the note."""
+    from scipy import ndimage as ndi
+
+    vol = small_subject.images["swi"]
+    write_volume(vol.with_array(ndi.minimum_filter1d(vol.array, 4, axis=0)),
+                 tmp_path / "sub-02_swi.nii.gz")
+    r = cli("detect", tmp_path / "sub-02_swi.nii.gz", "--modality", "swi", "--output-dir",
+            tmp_path / "o", "--models", low_models, "--quiet")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "over about 4 slices" in line]
+    assert len(notes) == 1 and notes[0].startswith("cmbdetector: note: sub-02_swi.nii.gz")
+    saved = json.loads((tmp_path / "o" / "sub-02_swi_detection.json").read_text())
+    assert any("over about 4 slices" in w for w in saved["warnings"])
+
+
 def test_missing_weights_clear_error(scan, tmp_path):
     r = cli("detect", scan, "--modality", "swi", "--output-dir", tmp_path / "o", "--models",
             tmp_path)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from CMBDetectorLib.engine.cleanup import edge_distance, shape_features, verdicts
 from CMBDetectorLib.engine.settings import DetectionSettings
@@ -69,3 +70,18 @@ def test_edge_distance_of_a_mask_without_outside_keeps_the_transforms_convention
     c = np.array([[3.0, 3.0, 3.0]])
     np.testing.assert_array_equal(edge_distance(mask, c, (1, 1, 1)),
                                   ndi.distance_transform_edt(mask)[3:4, 3, 3])
+
+
+def test_elongation_across_a_projection_ignores_the_stretch_along_it():
+    """A 4 mm ball under a sliding maximum (the label of a dark focus under an mIP) of 4
+    slices of 2 mm reads elongated; measured across the slice axis it is round, while a tube
+    lying in the slice plane stays elongated."""
+    sp = np.array([0.5, 0.5, 2.0])  # (i, j, k)
+    k, j, i = np.indices((20, 40, 60))
+    ball = ((i - 15) * sp[0]) ** 2 + ((j - 20) * sp[1]) ** 2 + ((k - 10) * sp[2]) ** 2 <= 4
+    tube = (np.abs((j - 20) * sp[1]) <= 0.8) & (np.abs((k - 10) * sp[2]) <= 1) & (i > 30)
+    lab = ndi.maximum_filter1d(ball.astype(np.int32) + 2 * tube, 4, axis=0)
+    _, plain = shape_features(lab, 2, sp)
+    _, across = shape_features(lab, 2, sp, across=(1.0, 0.0, 0.0))
+    assert plain[0] > 0.5 and across[0] < 0.2
+    assert across[1] > 0.75

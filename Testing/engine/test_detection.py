@@ -221,3 +221,28 @@ def test_the_manifest_inference_block_gives_the_bundles_settings(tiny_bundle, ti
     assert block  # the tiny bundle has an operating point
     assert default_settings(block, threshold=0.3) == default_settings(tiny_bundle, threshold=0.3)
     assert default_settings(block) == default_settings(tiny_bundle)
+
+
+def test_an_mip_is_reported_and_measured_across_when_asked(small_subject, tiny_bundle,
+                                                           low_settings):
+    """The SWI under a sliding minimum over 3 slices: the result says so (with the slab), and
+    with ``shape_across_projection`` (the default) the clean-up's elongation drops for the
+    stretched candidates; an unprojected scan carries no such note."""
+    from dataclasses import replace
+
+    from scipy import ndimage as ndi
+
+    vol = small_subject.images["swi"]
+    mip = vol.with_array(ndi.minimum_filter1d(vol.array, 3, axis=0))
+    plain = detect(mip, "swi", settings=replace(low_settings, shape_across_projection=False),
+                   models=tiny_bundle)
+    across = detect(mip, "swi", settings=low_settings, models=tiny_bundle)  # the default
+    assert any("over about 3 slices" in w for w in plain.warnings)
+    assert not any("measured across" in w for w in plain.warnings)
+    assert any("measured across the projection" in w for w in across.warnings)
+    assert not any("projection" in w for w in detect(vol, "swi", settings=low_settings,
+                                                     models=tiny_bundle).warnings)
+    big = [n for n, c in enumerate(plain.candidates) if c.volume_mm3 >= 20]
+    assert big and len(across.candidates) == len(plain.candidates)
+    assert (np.mean([across.candidates[n].elongation for n in big])
+            < np.mean([plain.candidates[n].elongation for n in big]))

@@ -104,6 +104,7 @@ def run_command(args) -> int:
     from ..engine.detection import default_settings, detect, detect_prepared, prepare_scan
     from ..engine.models import load_bundle, read_manifest
     from ..engine.naming import MIN_IP_NOTE, looks_like_projection
+    from ..engine.projection import is_note
     from ..engine.volume import read_volume
 
     if args.mask and len(args.scans) > 1:
@@ -148,6 +149,8 @@ def run_command(args) -> int:
                 failures += 1
                 continue
             bar.close()
+            for text in filter(is_note, result.warnings):
+                print(f"cmbdetector: note: {Path(scan).name}: {text}", file=sys.stderr)
             lesions = result.lesions()
             if not args.quiet:
                 print(f"{volume.name}: {len(lesions)} microbleed(s) at confidence >= "

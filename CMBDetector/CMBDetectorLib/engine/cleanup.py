@@ -5,7 +5,9 @@ Rules, each a named setting of :class:`~CMBDetectorLib.engine.settings.Detection
 * volume outside ``[min_volume_mm3, max_volume_mm3]`` -> ``"too small"`` / ``"too large"``;
 * elongation above ``max_elongation`` -> ``"elongated"`` (vein segments are tubes; CMBs are
   round or mildly ovoid). Elongation is ``1 - sqrt(l_min / l_max)`` of the component's inertia
-  tensor in physical coordinates, so voxel anisotropy does not fake elongation;
+  tensor in physical coordinates, so voxel anisotropy does not fake elongation; on a
+  projection over slices (an mIP, :mod:`~CMBDetectorLib.engine.projection`) it is measured
+  across the projection axis, which stretches every focus;
 * centroid closer than ``min_edge_distance_mm`` to the brain-mask boundary -> ``"brain edge"``
   (pial veins, sinus and skull-base artefacts).
 
@@ -17,8 +19,17 @@ import numpy as np
 from scipy import ndimage as ndi
 
 
-def shape_features(labels: np.ndarray, n: int, spacing_mm) -> tuple:
-    """Per component 1..n: volume (mm^3) and elongation (0 = sphere, -> 1 = line)."""
+def shape_features(labels: np.ndarray, n: int, spacing_mm, across=None) -> tuple:
+    """Per component 1..n: volume (mm^3) and elongation (0 = sphere, -> 1 = line).
+
+    ``across``: a unit vector in ``(k, j, i)`` millimetres (a projection's axis,
+    :mod:`~CMBDetectorLib.engine.projection`); elongation is then measured in the plane
+    orthogonal to it, because the projection stretches every focus along it."""
+    flatten = None
+    if across is not None:
+        u = np.asarray(across, float)
+        u = u / np.linalg.norm(u)
+        flatten = np.eye(3) - np.outer(u, u)
     sp = np.asarray(spacing_mm, float)[::-1]  # (k, j, i)
     vox_vol = float(np.prod(sp))
     volume = np.zeros(n)
@@ -34,7 +45,11 @@ def shape_features(labels: np.ndarray, n: int, spacing_mm) -> tuple:
         if len(pts) < 3:
             continue
         cov = np.cov(pts.T) + np.diag(sp ** 2 / 12.0)  # a voxel's own extent
-        ev = np.clip(np.linalg.eigvalsh(cov), 1e-9, None)
+        if flatten is not None:  # the in-plane tensor; its zero eigenvalue (along u) dropped
+            cov = flatten @ cov @ flatten
+            ev = np.clip(np.linalg.eigvalsh(cov)[1:], 1e-9, None)
+        else:
+            ev = np.clip(np.linalg.eigvalsh(cov), 1e-9, None)
         elong[idx] = 1.0 - np.sqrt(ev[0] / ev[-1])
     return volume, elong
 

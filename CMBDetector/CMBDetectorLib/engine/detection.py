@@ -15,6 +15,7 @@ from .cleanup import edge_distance, shape_features, verdicts
 from ..errors import Cancelled
 from .inference import extract_candidates, predict_volume, score_candidates
 from .preprocessing import prepare
+from .projection import direction_in_grid, find_projection
 from .results import Candidate, DetectionResult
 from .settings import DetectionSettings
 from .volume import Volume, read_volume, resample
@@ -182,7 +183,13 @@ def _networks_and_cleanup(volume: Volume, prep, channels: np.ndarray,
 
     prog.stage("clean-up")
     spacing = prep.grid.spacing
-    vol_mm3, elong = shape_features(labels, len(centres), spacing)
+    projection = find_projection(volume)
+    across = None
+    if projection is not None:
+        notes.append(projection.note(settings.shape_across_projection))
+        if settings.shape_across_projection:
+            across = direction_in_grid(projection.direction_ras, prep.grid)
+    vol_mm3, elong = shape_features(labels, len(centres), spacing, across)
     edge = edge_distance(prep.mask, centres, spacing)
     reasons = verdicts(vol_mm3, elong, voxels, edge, settings)
     ras = prep.grid.ijk_to_ras_points(centres[:, ::-1]) if len(centres) else np.zeros((0, 3))

@@ -80,6 +80,12 @@ class DetectionSettings:
     #: are tubes, CMBs round); applied to components of at least ``elongation_min_voxels``.
     max_elongation: float = 0.75
     elongation_min_voxels: int = 6
+    #: Clean-up on a scan whose voxels are a projection over slices (an mIP, found from the
+    #: voxels by :mod:`~CMBDetectorLib.engine.projection`): measure elongation across the
+    #: projection axis, along which the projection stretches every focus by its slab
+    #: (docs/experiments/v31_projection: 3 more visible SWI CMBs of 140 on the selection scans,
+    #: no more false positives).
+    shape_across_projection: bool = True
     #: Clean-up: candidates whose centroid lies closer than this to the brain-mask boundary are
     #: removed (pial veins, sinus and skull-base artefacts).
     min_edge_distance_mm: float = 3.0

@@ -243,7 +243,19 @@ def _detect_line(op: dict, manifest: dict, scans: str) -> str:
             f"{op.get('min_edge_distance_mm', 3.0)} mm"
             + ("; each classifier's probability is the mean over the patch's eight mirror "
                "images" if manifest.get("inference", {}).get("mirrored_scoring") else "")
+            + ("; on a scan whose voxels are a minimum-intensity projection the clean-up "
+               "measures elongation across the projection axis (`shape_across_projection`)"
+               if _across_projection(manifest) else "")
             + "), and was scored by `cmbdetector evaluate`.")
+
+
+def _across_projection(manifest: dict) -> bool:
+    """Whether detection with this bundle measures elongation across a found projection."""
+    from ..engine.settings import DetectionSettings
+
+    inference = manifest.get("inference", {})
+    return bool(inference.get("shape_across_projection",
+                               DetectionSettings.shape_across_projection))
 
 
 def _operating_point_line(op: dict) -> str:
