@@ -99,6 +99,22 @@ def test_a_projection_input_gets_a_note_and_the_swi_itself_none(scene, scan):
     assert view.statuses[-1] == MIN_IP_NOTE and p.modality == "SWI"
 
 
+def test_an_input_with_the_voxels_of_an_mip_gets_a_note_whatever_its_name(scene, scan):
+    from scipy import ndimage as ndi
+
+    arr, m, _ = scan
+    plain = add_volume(scene, arr, m, name="SWI_Images")
+    mip = add_volume(scene, ndi.minimum_filter1d(arr, 3, axis=0), m, name="SWI_Images_2")
+    c, view = _controller(scene)
+    p = PanelParameters(inputVolume=plain, threshold=0.3, thresholdFromModels=True)
+    c.setParameters(p)
+    c.parametersModified()
+    assert not any("over about" in s for s in view.statuses)
+    p.inputVolume = mip
+    c.parametersModified()
+    assert "minimum-intensity projection (mIP) over about 3 slices" in view.statuses[-1]
+
+
 def test_threshold_moves_refilter_only_the_current_volume(scene, scan):
     arr, m, _ = scan
     a = add_volume(scene, arr, m)

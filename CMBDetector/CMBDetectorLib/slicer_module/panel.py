@@ -133,8 +133,11 @@ class PanelController:
         self.view.refresh()
 
     def _noteProjection(self) -> None:
-        """Say so when the new input is named as a minimum-intensity projection."""
+        """Say so when the new input is a minimum-intensity projection: named as one, or with
+        the voxels of one (a series exported as "SWI" may be its mIP; about 0.1 s)."""
         from ..engine.naming import MIN_IP_NOTE, looks_like_projection
+        from ..engine.projection import find_projection
+        from ..errors import CMBError
         from . import mrml
 
         node = self.params.inputVolume
@@ -142,6 +145,13 @@ class PanelController:
             return
         if looks_like_projection(node.GetName(), mrml.series_description(node)):
             self.view.status(MIN_IP_NOTE)
+            return
+        try:
+            found = find_projection(mrml.volume_from_node(node))
+        except CMBError:  # not a scalar volume: Detect reports it
+            return
+        if found is not None:
+            self.view.status(found.note(across=False))
 
     def _guessModality(self) -> None:
         from ..engine.naming import guess_modality
