@@ -63,3 +63,23 @@ def test_direction_in_grid_is_in_kji_millimetres():
     np.testing.assert_allclose(direction_in_grid((1, 0, 0), grid), (0, 0, 1), atol=1e-12)
     tilted = direction_in_grid((0, np.sqrt(0.5), np.sqrt(0.5)), grid)
     np.testing.assert_allclose(tilted, (np.sqrt(0.5), np.sqrt(0.5), 0), atol=1e-12)
+
+
+def test_a_simulated_mip_is_found_along_the_working_grids_k_axis():
+    """The simulator projects an SWI along its slice axis; the engine finds it there, with the
+    simulator's slab, and on the working grid (which keeps the scan's orientation) the axis is
+    the grid's k, the axis the training runs' candidate tables assume
+    (``Run.projection_axis``)."""
+    from CMBDetectorLib.engine.preprocessing import prepare
+    from CMBDetectorLib.engine.settings import DetectionSettings
+    from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
+
+    sub = simulate_subject(4243, SimulationConfig(roi_mm=48.0, spacing_mm=(0.9, 0.9, 1.6),
+                                                  n_cmbs=1, swi_mip=3))
+    swi = sub.images["swi"]
+    p = find_projection(swi)
+    assert p is not None and (p.axis_ijk, p.n_slices) == (2, 3)
+    assert find_projection(sub.images["gre"]) is None
+    prep = prepare(swi, "swi", None, DetectionSettings())
+    u = direction_in_grid(p.direction_ras, prep.grid)
+    np.testing.assert_allclose(np.abs(u), (1.0, 0.0, 0.0), atol=1e-6)

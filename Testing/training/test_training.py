@@ -763,6 +763,32 @@ def test_swi_mask_is_the_one_the_simulator_drew(tmp_path):
         run.swi_mask("sub-1_swi")
 
 
+def test_projection_axis_is_the_grids_k_on_the_simulators_mip_swi_only(tmp_path):
+    """The candidate tables measure elongation as ``detect()`` does: across the slice axis on
+    the SWI scans the simulator made as an mIP, and as before everywhere else."""
+    from types import SimpleNamespace
+
+    from CMBDetectorLib.simulation.simulator import run_stages
+
+    cfg = TrainConfig.tiny()
+    cfg.sim_config = dict(cfg.sim_config, swi_mip="random")
+    run = Run(tmp_path / "m", cfg)
+    seeds = run.seeds["pool_b_train"] + run.seeds["pool_b_val"]
+    mips = []
+    for seed in seeds:
+        mip = run_stages(seed, run.sim_config("pool_b_train", seed),
+                         until="swi").params["appearance"]["swi"]["mip"]
+        mips.append(mip)
+        swi = SimpleNamespace(name=f"sub-{seed}_swi", modality="swi")
+        gre = SimpleNamespace(name=f"sub-{seed}_gre", modality="gre")
+        assert run.projection_axis(swi) == ((1.0, 0.0, 0.0) if mip > 1 else None)
+        assert run.projection_axis(gre) is None
+    assert any(m > 1 for m in mips) and any(m < 2 for m in mips), mips  # both kinds seen
+    plain = Run(tmp_path / "plain", TrainConfig.tiny())  # the simulator's default: no mIP
+    assert plain.projection_axis(SimpleNamespace(name=f"sub-{seeds[0]}_swi",
+                                                 modality="swi")) is None
+
+
 def _copy_run_with(tiny_run, folder, **settings):
     """A copy of the tiny run whose stored configuration has ``settings``, and its config."""
     import shutil

@@ -184,12 +184,13 @@ def bright_context(case: Case, index: int, inner: int = 1, outer: int = 6,
 # ----------------------------------------------------------------------------------------------
 # Discriminator patches (out-of-fold candidates)
 # ----------------------------------------------------------------------------------------------
-def candidate_table(case: Case, detector, settings: DetectionSettings):
+def candidate_table(case: Case, detector, settings: DetectionSettings, across=None):
     """Run the detector on a case it never saw; return candidates with their truth status.
 
     A candidate is a CMB when its component overlaps a true CMB's label or its centroid lies
     within 2 mm of a true centre; otherwise it is a false positive, attributed to the mimic it
-    overlaps (if any).
+    overlaps (if any). ``across``: the case's projection axis, when it is an mIP, so the
+    elongation is measured as ``detect()`` measures it (``cleanup.shape_features``).
     """
     channels = np.stack([case.image, case.frst])
     prob = predict_volume(detector, channels, settings.tile_size, settings.tile_overlap)
@@ -198,7 +199,7 @@ def candidate_table(case: Case, detector, settings: DetectionSettings):
         tuple(case.spacing_kji))
     n = len(centres)
     spacing = case.spacing_kji[::-1]  # (i, j, k), as shape_features and edge_distance take
-    vol, elong = shape_features(labels, n, spacing)
+    vol, elong = shape_features(labels, n, spacing, across)
     edge = edge_distance(case.mask, centres, spacing)
     is_cmb = np.zeros(n, bool)
     mimic = [""] * n

@@ -984,7 +984,7 @@ class Run:
         settings = self.cfg.prep_settings(candidate_threshold=self.cfg.candidate_floor)
         bar = ProgressBar(label)
         for n, (is_val, case) in enumerate(todo):
-            yield is_val, case, candidate_table(case, det, settings)
+            yield is_val, case, candidate_table(case, det, settings, self.projection_axis(case))
             bar((n + 1) / total, case.name)
         bar.close()
 
@@ -1000,9 +1000,10 @@ class Run:
             rows += json.loads(extra.read_text())
         return [r for r in rows if self.in_scope(r)]
 
-    def swi_mask(self, case: str) -> str:
-        """The SWI phase mask the simulator made the subject of ``case`` ("sub-<seed>_<mod>")
-        with: its split's configuration, and the simulator's own draw where that says random."""
+    def swi_processing(self, case: str) -> dict:
+        """How the simulator made the SWI of the subject of ``case`` ("sub-<seed>_<mod>"): its
+        split's configuration, and the simulator's own draw where that says random (the
+        ``appearance.draw_swi`` record: ``mask``, ``mip``, filter ...)."""
         from ..simulation import appearance as ap
 
         seed = int(case.split("-", 1)[1].split("_", 1)[0])
@@ -1011,8 +1012,22 @@ class Run:
             raise InputError(f"{case}: seed {seed} belongs to none of this run's splits")
         c = self.sim_config(split, seed)
         return ap.draw_swi(c.swi_filter, c.swi_mask, c.swi_mip, c.homodyne_sigma_mm,
-                           c.swi_power, lambda k: ap.family_rng(seed, k),
-                           c.swi_filter_width)["mask"]
+                           c.swi_power, lambda k: ap.family_rng(seed, k), c.swi_filter_width)
+
+    def swi_mask(self, case: str) -> str:
+        """The SWI phase mask the simulator made the subject of ``case`` with."""
+        return self.swi_processing(case)["mask"]
+
+    def projection_axis(self, case) -> tuple | None:
+        """The axis ``detect()`` measures a candidate's elongation across on this case
+        (``shape_across_projection``), in the working grid's ``(k, j, i)`` millimetres; None
+        when the case is no mIP. The simulator projects an SWI along its slice axis k, and the
+        working grid keeps the scan's orientation, so the axis is the grid's k."""
+        settings = self.cfg.prep_settings()
+        if (case.modality != "swi" or not settings.shape_across_projection
+                or int(self.swi_processing(case.name).get("mip", 0)) < 2):
+            return None
+        return (1.0, 0.0, 0.0)
 
     def in_scope(self, row: dict) -> bool:
         """Whether a candidate row's scan trains and validates the discriminators:
