@@ -97,7 +97,8 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
 
     prog.stage("preprocessing")
     prep, channels = _preprocess(volume, modality, mask, settings, _preprocessing_device(models))
-    return _networks_and_cleanup(volume, prep, channels, settings, models, prog)
+    return _networks_and_cleanup(volume, prep, channels, settings, models, prog,
+                                 find_projection(volume))
 
 
 def _preprocessing_device(models):
@@ -118,6 +119,7 @@ class PreparedScan:
     settings: DetectionSettings
     preprocess_s: float = 0.0
     read_s: float = 0.0
+    projection: object = None    # projection.Projection when the voxels are an mIP
 
 
 def prepare_scan(volume: Volume, modality: str, mask: Volume | None = None,
@@ -127,7 +129,9 @@ def prepare_scan(volume: Volume, modality: str, mask: Volume | None = None,
     settings = (settings or DetectionSettings()).validate()
     t0 = time.perf_counter()
     prep, channels = _preprocess(volume, modality, mask, settings)
-    return PreparedScan(volume, prep, channels, settings, time.perf_counter() - t0)
+    projection = find_projection(volume)
+    return PreparedScan(volume, prep, channels, settings, time.perf_counter() - t0,
+                        projection=projection)
 
 
 def prepare_file(path, modality: str, mask_path=None, settings=None) -> PreparedScan:
@@ -153,7 +157,7 @@ def detect_prepared(prepared: PreparedScan, models=None, progress=None,
         models = load_bundle(device=prepared.settings.device)
     prog.timings["preprocessing"] = prepared.preprocess_s
     return _networks_and_cleanup(prepared.volume, prepared.prep, prepared.channels,
-                                 prepared.settings, models, prog)
+                                 prepared.settings, models, prog, prepared.projection)
 
 
 def _preprocess(volume: Volume, modality: str, mask, settings, device=None) -> tuple:
@@ -163,9 +167,11 @@ def _preprocess(volume: Volume, modality: str, mask, settings, device=None) -> t
 
 
 def _networks_and_cleanup(volume: Volume, prep, channels: np.ndarray,
-                          settings: DetectionSettings, models, prog: _Progress
-                          ) -> DetectionResult:
-    """Candidate U-Net, student and clean-up on a preprocessed scan; results on its input grid."""
+                          settings: DetectionSettings, models, prog: _Progress,
+                          projection=None) -> DetectionResult:
+    """Candidate U-Net, student and clean-up on a preprocessed scan; results on its input grid.
+    ``projection``: what :func:`~.projection.find_projection` found in the input (found with
+    the preprocessing, which a cohort runs ahead of the networks)."""
     with warnings.catch_warnings(record=True) as caught:  # e.g. CUDA out of memory -> CPU
         warnings.simplefilter("always", RuntimeWarning)
         prog.stage("candidate detection")
@@ -183,7 +189,6 @@ def _networks_and_cleanup(volume: Volume, prep, channels: np.ndarray,
 
     prog.stage("clean-up")
     spacing = prep.grid.spacing
-    projection = find_projection(volume)
     across = None
     if projection is not None:
         notes.append(projection.note(settings.shape_across_projection))
