@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from CMBDetectorLib.engine.projection import direction_in_grid, find_projection
+from CMBDetectorLib.engine.projection import (direction_in_grid, find_projection, find_reversal,
+                                             reverse_projection)
 from CMBDetectorLib.engine.volume import Volume
 
 
@@ -83,3 +84,72 @@ def test_a_simulated_mip_is_found_along_the_working_grids_k_axis():
     prep = prepare(swi, "swi", None, DetectionSettings())
     u = direction_in_grid(p.direction_ras, prep.grid)
     np.testing.assert_allclose(np.abs(u), (1.0, 0.0, 0.0), atol=1e-6)
+
+
+def _with_ball(seed=6, value=10.0):
+    """A scan with one dark ball (radius 3 voxels) in the middle, and the ball's mask."""
+    scan = _scan(seed)
+    k, j, i = np.mgrid[:30, :48, :48]
+    ball = (k - 15) ** 2 + (j - 24) ** 2 + (i - 24) ** 2 <= 9
+    scan[ball] = value
+    return scan, ball
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_a_sliding_minimum_is_found_and_reversed_to_the_ball(n):
+    scan, ball = _with_ball()
+    mip = ndi.minimum_filter1d(scan, n, axis=0, mode="nearest")  # centred, like the simulator
+    assert (mip < 50).sum() > ball.sum()  # the projection stretched it along k
+    p = find_projection(_oblique(mip))
+    assert (p.kind, p.unchanged_fraction, p.reversible) == ("minimum", 1.0, True)
+    back = reverse_projection(_oblique(mip), p)
+    np.testing.assert_array_equal(back.array < 50, ball)
+    np.testing.assert_array_equal(back.ijk_to_ras, _oblique(mip).ijk_to_ras)
+
+
+def test_a_slab_that_starts_at_its_slice_comes_back_at_the_streaks_centre():
+    """Where the slab sat cannot be read from the voxels: the ball comes back whole, moved
+    to the middle of the streak the mIP shows (one slice for a 3-slice slab)."""
+    scan, ball = _with_ball(11)
+    mip = ndi.minimum_filter1d(scan, 3, axis=0, mode="nearest", origin=-1)  # slices k..k+2
+    p = find_projection(Volume.from_arrays(mip))
+    back = reverse_projection(Volume.from_arrays(mip), p).array
+    np.testing.assert_array_equal(back < 50, np.roll(ball, -1, axis=0))
+
+
+def test_integer_storage_and_a_gamma_do_not_hide_the_reversal():
+    scan, ball = _with_ball(7)
+    mip = ndi.minimum_filter1d(scan, 3, axis=1, mode="nearest")  # along j
+    stored = np.rint((mip / mip.max()) ** 0.8 * 4000).astype(np.int16)
+    p = find_projection(Volume.from_arrays(stored))
+    assert (p.axis_ijk, p.n_slices, p.kind) == (1, 3, "minimum")
+    back = reverse_projection(Volume.from_arrays(stored), p).array
+    assert back.dtype == np.int16
+    threshold = np.rint((50 / mip.max()) ** 0.8 * 4000)
+    np.testing.assert_array_equal(back < threshold, ball)
+
+
+def test_a_sliding_maximum_is_reversed_by_the_minimum():
+    scan, ball = _with_ball(8, value=900.0)  # a bright focus, as on QSM
+    mip = ndi.maximum_filter1d(scan, 4, axis=0, mode="nearest")
+    p = find_projection(Volume.from_arrays(mip))
+    assert (p.kind, p.n_slices) == ("maximum", 4)
+    assert "maximum-intensity projection (MIP)" in p.note(False, True)
+    back = reverse_projection(Volume.from_arrays(mip), p).array
+    np.testing.assert_array_equal(back > 800, ball)
+
+
+def test_repeated_slices_are_flagged_but_not_reversed():
+    """Nearest-neighbour upsampling along k repeats each slice: both an erosion and a dilation
+    explain it, so nothing says which to undo (undoing either would thin every lesion)."""
+    repeated = np.repeat(_scan(9, shape=(15, 48, 48)), 2, axis=0)
+    p = find_projection(Volume.from_arrays(repeated))
+    assert p is not None and not p.reversible and p.unchanged_fraction == 1.0
+    with pytest.raises(ValueError):
+        reverse_projection(Volume.from_arrays(repeated), p)
+
+
+def test_find_reversal_needs_a_projection_and_tissue():
+    kind, share = find_reversal(_scan(10), 0, 3)  # an acquired image: no slab explains it
+    assert kind == "" and share < 0.999
+    assert find_reversal(np.zeros((8, 8, 8), np.float32), 0, 3) == ("", 0.0)

@@ -265,3 +265,11 @@ def test_the_swi_width_is_read_from_the_runs_own_scans(tiny_run, tmp_path):
     _truth(run / "cross_domain_scans", 3, 4.25)
     method = _section(V.build(run, tmp_path / "docs"), "## How these numbers were produced")
     assert "one high-pass width" not in method and "`swi_filter_width`" in method
+
+
+def test_the_detection_line_says_what_happens_on_an_mip():
+    assert "`reverse_projection`" in V._projection_clause({})  # the engine's default
+    across = V._projection_clause({"inference": {"reverse_projection": False}})
+    assert "`shape_across_projection`" in across and "reverse" not in across
+    assert V._projection_clause({"inference": {"reverse_projection": False,
+                                               "shape_across_projection": False}}) == ""

@@ -113,6 +113,7 @@ def test_an_input_with_the_voxels_of_an_mip_gets_a_note_whatever_its_name(scene,
     p.inputVolume = mip
     c.parametersModified()
     assert "minimum-intensity projection (mIP) over about 3 slices" in view.statuses[-1]
+    assert "Detection runs on it reversed" in view.statuses[-1]
 
 
 def test_threshold_moves_refilter_only_the_current_volume(scene, scan):

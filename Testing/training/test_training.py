@@ -765,13 +765,18 @@ def test_swi_mask_is_the_one_the_simulator_drew(tmp_path):
 
 def test_projection_axis_is_the_grids_k_on_the_simulators_mip_swi_only(tmp_path):
     """The candidate tables measure elongation as ``detect()`` does: across the slice axis on
-    the SWI scans the simulator made as an mIP, and as before everywhere else."""
+    the SWI scans the simulator made as an mIP when they were prepared unreversed, and as
+    before everywhere else (a reversed mIP is measured in 3D, like any scan)."""
     from types import SimpleNamespace
 
     from CMBDetectorLib.simulation.simulator import run_stages
 
     cfg = TrainConfig.tiny()
     cfg.sim_config = dict(cfg.sim_config, swi_mip="random")
+    reversed_run = Run(tmp_path / "r", cfg)
+    cfg = TrainConfig.tiny()
+    cfg.sim_config = dict(cfg.sim_config, swi_mip="random")
+    cfg.reverse_projection = False
     run = Run(tmp_path / "m", cfg)
     seeds = run.seeds["pool_b_train"] + run.seeds["pool_b_val"]
     mips = []
@@ -783,10 +788,37 @@ def test_projection_axis_is_the_grids_k_on_the_simulators_mip_swi_only(tmp_path)
         gre = SimpleNamespace(name=f"sub-{seed}_gre", modality="gre")
         assert run.projection_axis(swi) == ((1.0, 0.0, 0.0) if mip > 1 else None)
         assert run.projection_axis(gre) is None
+        assert reversed_run.projection_axis(swi) is None
     assert any(m > 1 for m in mips) and any(m < 2 for m in mips), mips  # both kinds seen
     plain = Run(tmp_path / "plain", TrainConfig.tiny())  # the simulator's default: no mIP
     assert plain.projection_axis(SimpleNamespace(name=f"sub-{seeds[0]}_swi",
                                                  modality="swi")) is None
+
+
+def test_a_case_of_an_mip_is_prepared_on_its_reversal_as_detect_does():
+    """``make_case`` with ``reverse_projection`` prepares the reversed image, exactly what
+    ``detect()`` gives the networks; without it, the mIP itself."""
+    from dataclasses import replace
+
+    from CMBDetectorLib.engine.projection import find_projection, reverse_projection
+    from CMBDetectorLib.engine.settings import DetectionSettings
+    from CMBDetectorLib.simulation.simulator import SimulationConfig, simulate_subject
+    from CMBDetectorLib.training.data import make_case
+
+    sub = simulate_subject(4244, SimulationConfig(roi_mm=48.0, spacing_mm=(0.9, 0.9, 1.6),
+                                                  n_cmbs=1, swi_mip=3))
+    swi = sub.images["swi"]
+    p = find_projection(swi)
+    assert p is not None and p.reversible
+
+    def case(image, reverse):
+        return make_case("sub-4244_swi", image, "swi", sub.swi_cmb_labels, sub.mimic_labels,
+                         sub.truth, replace(DetectionSettings(), reverse_projection=reverse))
+
+    on, off = case(swi, True), case(swi, False)
+    np.testing.assert_array_equal(on.image, case(reverse_projection(swi, p), False).image)
+    assert not np.array_equal(on.image, off.image)
+    assert TrainConfig().prep_settings().reverse_projection
 
 
 def _copy_run_with(tiny_run, folder, **settings):

@@ -15,7 +15,7 @@ from .cleanup import edge_distance, shape_features, verdicts
 from ..errors import Cancelled
 from .inference import extract_candidates, predict_volume, score_candidates
 from .preprocessing import prepare
-from .projection import direction_in_grid, find_projection
+from .projection import direction_in_grid, find_projection, reverse_projection
 from .results import Candidate, DetectionResult
 from .settings import DetectionSettings
 from .volume import Volume, read_volume, resample
@@ -96,9 +96,18 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
     settings = (settings or default_settings(models)).validate()
 
     prog.stage("preprocessing")
-    prep, channels = _preprocess(volume, modality, mask, settings, _preprocessing_device(models))
-    return _networks_and_cleanup(volume, prep, channels, settings, models, prog,
-                                 find_projection(volume))
+    projection = find_projection(volume)
+    prep, channels = _preprocess(_reversed(volume, projection, settings), modality, mask,
+                                 settings, _preprocessing_device(models))
+    return _networks_and_cleanup(volume, prep, channels, settings, models, prog, projection)
+
+
+def _reversed(volume: Volume, projection, settings: DetectionSettings) -> Volume:
+    """The image the networks see: ``volume``, or its projection reversed
+    (``settings.reverse_projection``)."""
+    if projection is not None and projection.reversible and settings.reverse_projection:
+        return reverse_projection(volume, projection)
+    return volume
 
 
 def _preprocessing_device(models):
@@ -128,8 +137,9 @@ def prepare_scan(volume: Volume, modality: str, mask: Volume | None = None,
     given), so it can run in another process while the networks work on the previous scan."""
     settings = (settings or DetectionSettings()).validate()
     t0 = time.perf_counter()
-    prep, channels = _preprocess(volume, modality, mask, settings)
     projection = find_projection(volume)
+    prep, channels = _preprocess(_reversed(volume, projection, settings), modality, mask,
+                                 settings)
     return PreparedScan(volume, prep, channels, settings, time.perf_counter() - t0,
                         projection=projection)
 
@@ -191,8 +201,9 @@ def _networks_and_cleanup(volume: Volume, prep, channels: np.ndarray,
     spacing = prep.grid.spacing
     across = None
     if projection is not None:
-        notes.append(projection.note(settings.shape_across_projection))
-        if settings.shape_across_projection:
+        undone = projection.reversible and settings.reverse_projection
+        notes.append(projection.note(settings.shape_across_projection and not undone, undone))
+        if settings.shape_across_projection and not undone:
             across = direction_in_grid(projection.direction_ras, prep.grid)
     vol_mm3, elong = shape_features(labels, len(centres), spacing, across)
     edge = edge_distance(prep.mask, centres, spacing)

@@ -9,9 +9,21 @@ series exported as "SWI" may be the mIP; the voxels do not lie. Resampling an mI
 grid interpolates the repeats away, and then nothing is found (the detection runs as on any
 scan).
 
-The clean-up uses it: a projection stretches every dark focus by ``n - 1`` slices along its
-axis, so a round CMB reads as elongated there (:func:`~CMBDetectorLib.engine.cleanup.shape_features`
-with ``across``).
+A sliding minimum is a grey-level erosion along one axis, so it can be reversed up to what it
+erased: the sliding maximum over the same slab (the reflected window) turns it into the
+*opening* of the image before the projection (:func:`reverse_projection`). Every dark focus (a
+CMB, a vein) comes back to its own extent and place; only bright details thinner than the slab
+stay lost. Whether it was a minimum or a maximum is read from the voxels too: an erosion is
+unchanged by the matching closing, a dilation by the opening (:func:`find_reversal`). Monotone
+changes (integer storage, rescaling) commute with minimum and maximum and do not hide it. Where
+the slab sat against its slice cannot be read (a closing does not depend on it): the reversal
+assumes a centred slab, so the foci come back at the centre of the streak the mIP shows, where
+a reader marks them; a scanner whose slab starts at its slice puts them up to ``(n - 1) / 2``
+slices from where they were acquired.
+
+When a projection cannot be reversed, the clean-up measures elongation across its axis: a
+projection stretches every dark focus by ``n - 1`` slices along it, so a round CMB reads as
+elongated there (:func:`~CMBDetectorLib.engine.cleanup.shape_features` with ``across``).
 """
 from __future__ import annotations
 
@@ -28,6 +40,13 @@ MIN_EQUAL_FRACTION = 0.15
 MIN_RATIO = 5.0
 #: The slab estimate: the longest run of equal values that holds at least this share of runs.
 RUN_SHARE = 0.10
+#: A projection is reversed when the matching closing (opening for a maximum) leaves at least
+#: this share of tissue voxels unchanged, and the other kind's test does not: exactly 1.0 for
+#: an unresampled sliding minimum away from the first and last slab (how a scanner pads its
+#: ends is not known, so they are not tested); about 0.85 for the other kind.
+MIN_UNCHANGED = 0.999
+#: The reversal test looks at a central block of at most this many voxels.
+TEST_VOXELS = 4_000_000
 
 
 #: How the note of :meth:`Projection.note` starts (the command line prints it; the GPU notes
@@ -48,15 +67,28 @@ class Projection:
     n_slices: int                # estimated slices per slab (>= 2)
     equal_fraction: float        # share of equal neighbour pairs along that axis
     direction_ras: tuple         # unit vector of the axis in RAS
+    kind: str = ""               # "minimum" or "maximum" when reversible (find_reversal)
+    unchanged_fraction: float = 0.0  # share of tissue voxels the matching closing keeps
 
-    def note(self, across: bool) -> str:
+    @property
+    def reversible(self) -> bool:
+        return bool(self.kind)
+
+    def note(self, across: bool, reversed_: bool = False) -> str:
         """The one-line warning the result carries; ``across``: whether the clean-up measured
-        elongation across the projection."""
-        return (f"{NOTE_START} {'ijk'[self.axis_ijk]} axis like a "
-                f"minimum-intensity projection (mIP) over about {self.n_slices} slices. The "
-                "models find fewer CMBs on mIP images; run detection on the SWI itself if you "
-                "have it." + (" Elongation was measured across the projection." if across
-                              else ""))
+        elongation across the projection; ``reversed_``: whether detection ran on the
+        reversed image (:func:`reverse_projection`)."""
+        what = "minimum" if self.kind != "maximum" else "maximum"
+        text = (f"{NOTE_START} {'ijk'[self.axis_ijk]} axis like a "
+                f"{what}-intensity projection ({'mIP' if what == 'minimum' else 'MIP'}) over "
+                f"about {self.n_slices} slices.")
+        if reversed_:
+            other = "maximum" if what == "minimum" else "minimum"
+            return (text + f" Detection runs on it reversed (a sliding {other} over the same "
+                    "slices); run detection on the SWI itself if you have it.")
+        return (text + " The models find fewer CMBs on mIP images; run detection on the SWI "
+                "itself if you have it." + (" Elongation was measured across the projection."
+                                            if across else ""))
 
 
 def _tissue(array: np.ndarray) -> np.ndarray:
@@ -109,9 +141,77 @@ def slab_estimate(array: np.ndarray, axis_kji: int) -> int:
     return int(common.max()) if len(common) else 1
 
 
+def _reflected_origin(n: int) -> int:
+    """scipy.ndimage's ``origin`` of the window reflecting a centred ``n``-slice window (its
+    default, origin 0): the same window for odd ``n``, one slice later for even ``n``."""
+    return -(1 - n % 2)
+
+
+def _central_block(a: np.ndarray, axis_kji: int) -> np.ndarray:
+    """At most :data:`TEST_VOXELS` voxels from the middle of the two other axes (the whole
+    projection axis kept)."""
+    keep = max(1.0, np.sqrt(a.size / TEST_VOXELS))
+    index = [slice(None)] * 3
+    for ax in range(3):
+        if ax != axis_kji and keep > 1:
+            m = int(np.ceil(a.shape[ax] / keep))
+            start = (a.shape[ax] - m) // 2
+            index[ax] = slice(start, start + m)
+    return a[tuple(index)]
+
+
+def find_reversal(array: np.ndarray, axis_kji: int, n: int) -> tuple:
+    """``(kind, unchanged share)`` of the sliding projection over ``n`` slices along
+    ``axis_kji`` that ``array`` is: for a minimum (an erosion) the closing with the same slab
+    leaves the image unchanged, for a maximum the opening. ``kind`` is "" unless exactly one
+    kind leaves :data:`MIN_UNCHANGED` of the tissue voxels unchanged: slices repeated by
+    nearest-neighbour resampling pass both (they are an erosion and a dilation), and reversing
+    them would thin every lesion."""
+    from scipy import ndimage as ndi
+
+    a = _central_block(np.asarray(array), axis_kji)
+    keep = _tissue(a)
+    if a.shape[axis_kji] > 4 * n:  # the end slabs: padding unknown
+        ends = [slice(None)] * 3
+        ends[axis_kji] = slice(n, a.shape[axis_kji] - n)
+        inner = np.zeros_like(keep)
+        inner[tuple(ends)] = True
+        keep &= inner
+    if n < 2 or not keep.any():
+        return "", 0.0
+    back = _reflected_origin(n)
+    shares = {}
+    for kind, first, then in (("minimum", ndi.maximum_filter1d, ndi.minimum_filter1d),
+                              ("maximum", ndi.minimum_filter1d, ndi.maximum_filter1d)):
+        again = then(first(a, n, axis=axis_kji, mode="nearest", origin=back), n,
+                     axis=axis_kji, mode="nearest")
+        shares[kind] = float((again == a)[keep].mean())
+    passing = [k for k, v in shares.items() if v >= MIN_UNCHANGED]
+    if len(passing) == 1:
+        return passing[0], shares[passing[0]]
+    return "", max(shares.values())
+
+
+def reverse_projection(volume, projection: Projection):
+    """``volume`` with its projection reversed up to what the projection erased: a sliding
+    maximum (for an mIP) over the same slab with the reflected window, the opening of the
+    image before the projection, for a centred slab (the module's docstring says what another
+    slab does). Geometry and data type unchanged."""
+    from scipy import ndimage as ndi
+
+    if not projection.reversible:
+        raise ValueError("this projection was not found reversible")
+    back = _reflected_origin(projection.n_slices)
+    undo = ndi.maximum_filter1d if projection.kind == "minimum" else ndi.minimum_filter1d
+    array = undo(np.asarray(volume.array), projection.n_slices, axis=2 - projection.axis_ijk,
+                 mode="nearest", origin=back)
+    return volume.with_array(array)
+
+
 def find_projection(volume) -> Projection | None:
     """The projection over slices in ``volume`` (a :class:`~CMBDetectorLib.engine.volume.Volume`),
-    or None for an image that is not one."""
+    with how to reverse it when the voxels say (:func:`find_reversal`), or None for an image
+    that is not one."""
     fractions = equal_fractions(volume.array)
     ax = int(np.argmax(fractions))
     others = np.delete(fractions, ax).max()
@@ -123,7 +223,9 @@ def find_projection(volume) -> Projection | None:
     axis_ijk = 2 - ax
     column = np.asarray(volume.ijk_to_ras, float)[:3, axis_ijk]
     direction = column / np.linalg.norm(column)
-    return Projection(axis_ijk, n, float(fractions[ax]), tuple(float(x) for x in direction))
+    kind, unchanged = find_reversal(volume.array, ax, n)
+    return Projection(axis_ijk, n, float(fractions[ax]), tuple(float(x) for x in direction),
+                      kind, unchanged)
 
 
 def direction_in_grid(direction_ras, grid) -> np.ndarray:

@@ -86,6 +86,11 @@ class DetectionSettings:
     #: (docs/experiments/v31_projection: 3 more visible SWI CMBs of 140 on the selection scans,
     #: no more false positives).
     shape_across_projection: bool = True
+    #: Detect on a projection over slices reversed first: the sliding maximum over the same
+    #: slab gives back every dark focus's own extent (:func:`~CMBDetectorLib.engine.projection.reverse_projection`;
+    #: docs/experiments/v31_unprojection). The elongation is then measured in 3D; a
+    #: projection that cannot be reversed keeps ``shape_across_projection``.
+    reverse_projection: bool = True
     #: Clean-up: candidates whose centroid lies closer than this to the brain-mask boundary are
     #: removed (pial veins, sinus and skull-base artefacts).
     min_edge_distance_mm: float = 3.0

@@ -243,19 +243,29 @@ def _detect_line(op: dict, manifest: dict, scans: str) -> str:
             f"{op.get('min_edge_distance_mm', 3.0)} mm"
             + ("; each classifier's probability is the mean over the patch's eight mirror "
                "images" if manifest.get("inference", {}).get("mirrored_scoring") else "")
-            + ("; on a scan whose voxels are a minimum-intensity projection the clean-up "
-               "measures elongation across the projection axis (`shape_across_projection`)"
-               if _across_projection(manifest) else "")
+            + _projection_clause(manifest)
             + "), and was scored by `cmbdetector evaluate`.")
 
 
-def _across_projection(manifest: dict) -> bool:
-    """Whether detection with this bundle measures elongation across a found projection."""
+def _projection_clause(manifest: dict) -> str:
+    """What detection with this bundle does on a scan whose voxels are a minimum-intensity
+    projection: reverse it (``reverse_projection``), measure elongation across it
+    (``shape_across_projection``), or nothing."""
     from ..engine.settings import DetectionSettings
 
     inference = manifest.get("inference", {})
-    return bool(inference.get("shape_across_projection",
-                               DetectionSettings.shape_across_projection))
+
+    def on(key):
+        return bool(inference.get(key, getattr(DetectionSettings, key)))
+
+    where = "; on a scan whose voxels are a minimum-intensity projection "
+    if on("reverse_projection"):
+        return (where + "the networks see it reversed, the sliding maximum over the same "
+                "slices (`reverse_projection`)")
+    if on("shape_across_projection"):
+        return (where + "the clean-up measures elongation across the projection axis "
+                "(`shape_across_projection`)")
+    return ""
 
 
 def _operating_point_line(op: dict) -> str:

@@ -151,7 +151,10 @@ class PanelController:
         except CMBError:  # not a scalar volume: Detect reports it
             return
         if found is not None:
-            self.view.status(found.note(across=False))
+            from ..engine.settings import DetectionSettings
+
+            self.view.status(found.note(
+                across=False, reversed_=found.reversible and DetectionSettings.reverse_projection))
 
     def _guessModality(self) -> None:
         from ..engine.naming import guess_modality

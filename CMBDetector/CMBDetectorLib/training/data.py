@@ -75,7 +75,14 @@ def labels_on_grid(labels: Volume, grid: Volume, centres_ras=()) -> np.ndarray:
 def make_case(name: str, image: Volume, modality: str, cmb_labels: Volume,
               mimic_labels: Volume | None, truth: dict, settings: DetectionSettings,
               mask: Volume | None = None) -> Case:
-    """Prepare one scan like inference does and bring its labels onto the working grid."""
+    """Prepare one scan like inference does (a projection over slices reversed first, with
+    ``settings.reverse_projection``) and bring its labels onto the working grid."""
+    if settings.reverse_projection:
+        from ..engine.projection import find_projection, reverse_projection
+
+        projection = find_projection(image)
+        if projection is not None and projection.reversible:
+            image = reverse_projection(image, projection)
     prep = prepare(image, modality, mask, settings)
     cmbs = truth.get("cmbs", [])
     # The label map numbers CMBs 1..n in truth order when the simulator wrote it; user masks

@@ -90,6 +90,10 @@ class TrainConfig:
     #: Split merged candidates into one per focus (training candidate tables and the shipped
     #: operating point alike).
     split_candidates: bool = False
+    #: Prepare a case whose voxels are a projection over slices (the simulator's mIP SWI) on
+    #: its reversal, as ``detect()`` does with ``reverse_projection`` (the engine's default);
+    #: runs made before it (False) prepared the mIP itself.
+    reverse_projection: bool = True
     #: Probability that a training patch (detector and discriminator) gets a random monotone
     #: intensity change (:func:`intensity_change`: gamma 0.7-1.4 and a histogram warp of the
     #: raw scan, seen through the scan's normalisation); 0 = off (the first bundled models).
@@ -220,7 +224,8 @@ class TrainConfig:
                                  mask_threshold=self.mask_threshold,
                                  normalisation=self.normalisation,
                                  frst_radii_mm=tuple(self.frst_radii_mm),
-                                 split_candidates=self.split_candidates, **extra)
+                                 split_candidates=self.split_candidates,
+                                 reverse_projection=self.reverse_projection, **extra)
 
     def preparation_manifest(self) -> dict:
         """What ``detect()`` must do as the cases were prepared: the settings that differ from
@@ -272,7 +277,8 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "init_weights": "", "candidate_floor": 0.1, "negative_weights": {},
                    "swi_masks": [],
                    "disc_level_shift": 0.0, "patch_norm": False,
-                   "intensity_max_factor": 1.6, "mask_threshold": "intensity"}
+                   "intensity_max_factor": 1.6, "mask_threshold": "intensity",
+                   "reverse_projection": False}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 #: the modules that make the training cases (name in data_version.json -> file in the package)
@@ -1021,10 +1027,12 @@ class Run:
     def projection_axis(self, case) -> tuple | None:
         """The axis ``detect()`` measures a candidate's elongation across on this case
         (``shape_across_projection``), in the working grid's ``(k, j, i)`` millimetres; None
-        when the case is no mIP. The simulator projects an SWI along its slice axis k, and the
-        working grid keeps the scan's orientation, so the axis is the grid's k."""
+        when the case is no mIP, or was prepared on its reversal (``reverse_projection``).
+        The simulator projects an SWI along its slice axis k, and the working grid keeps the
+        scan's orientation, so the axis is the grid's k."""
         settings = self.cfg.prep_settings()
         if (case.modality != "swi" or not settings.shape_across_projection
+                or settings.reverse_projection
                 or int(self.swi_processing(case.name).get("mip", 0)) < 2):
             return None
         return (1.0, 0.0, 0.0)
