@@ -42,3 +42,38 @@ def test_finetune_tiny_writes_loadable_weights(tmp_path, tiny_run):
     assert b.version.endswith("+finetuned")
     assert b.manifest["finetune"]["scans"] == 3
     assert manifest.exists() and not (out / "checkpoints").exists()
+
+
+def test_an_mip_scan_is_prepared_reversed_as_detect_prepares_it(tmp_path):
+    """Your own mIP scans train on what ``detect()`` gives the networks: the reversed image."""
+    from dataclasses import replace
+
+    from scipy import ndimage as ndi
+
+    from CMBDetectorLib.engine.projection import find_projection, reverse_projection
+    from CMBDetectorLib.engine.settings import DetectionSettings
+    from CMBDetectorLib.training.data import make_case
+    from CMBDetectorLib.training.finetune import _read_cases
+
+    rng = np.random.default_rng(3)
+    smooth = ndi.gaussian_filter(rng.normal(size=(30, 48, 48)), 3)
+    scan = (100 + 400 * (smooth - smooth.min()) + rng.normal(0, 5, smooth.shape)).astype(
+        np.float32)
+    scan[13:17, 22:26, 22:26] = 10.0
+    labels = np.zeros(scan.shape, np.uint8)
+    labels[13:17, 22:26, 22:26] = 1
+    mip = Volume.from_arrays(ndi.minimum_filter1d(scan, 3, axis=0), (1.0, 1.0, 2.0))
+    write_volume(mip, tmp_path / "a.nii.gz")
+    write_volume(mip.with_array(labels), tmp_path / "a_cmb.nii.gz")
+    [case] = _read_cases([(tmp_path / "a.nii.gz", tmp_path / "a_cmb.nii.gz", None)], "swi",
+                         DetectionSettings())
+    p = find_projection(mip)
+    assert p is not None and p.reversible
+
+    def unreversed(image):
+        return make_case("a", image, "swi", mip.with_array(labels), None,
+                         {"cmbs": [], "mimics": []},
+                         replace(DetectionSettings(), reverse_projection=False)).image
+
+    np.testing.assert_array_equal(case.image, unreversed(reverse_projection(mip, p)))
+    assert not np.array_equal(case.image, unreversed(mip))
