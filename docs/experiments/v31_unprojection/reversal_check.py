@@ -1,40 +1,27 @@
 """reversal_check.py SCANS [EXTRA.nii.gz ...]: whether each scan of a simulated set is found to
 be a reversible projection, against the simulator's record (``params.appearance.swi.mip``, made
-with ``scipy.ndimage.minimum_filter1d``'s centred window, origin 0), plus any extra volumes
-(expected: no projection). Run from the repository root."""
-import json
+with ``scipy.ndimage.minimum_filter1d``'s centred window), plus any extra volumes (expected: no
+projection). Run from the repository root."""
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, "CMBDetector")
-from CMBDetectorLib.engine.projection import find_projection  # noqa: E402
-from CMBDetectorLib.engine.volume import read_volume  # noqa: E402
+sys.path.insert(0, "docs/experiments")
+from projection_scans import find_projection, found_projections, read_volume  # noqa: E402
 
-scans = Path(sys.argv[1])
 wrong, seconds, shares = 0, [], []
-for truth in sorted(scans.glob("sub-*_truth.json")):
-    stem = truth.name[:-len("_truth.json")]
-    params = json.loads(truth.read_text())["params"]
-    mip = int(params.get("appearance", {}).get("swi", {}).get("mip", 0))
-    for m in ("gre", "swi", "qsm"):
-        vol = read_volume(scans / f"{stem}_{m}.nii.gz")
-        t0 = time.perf_counter()
-        p = find_projection(vol)
-        seconds.append(time.perf_counter() - t0)
-        expected = mip if (m == "swi" and mip > 1) else 0
-        if expected:
-            ok = (p is not None and p.axis_ijk == 2 and p.n_slices == expected
-                  and p.kind == "minimum")
-            if p is not None:
-                shares.append(p.unchanged_fraction)
-        else:
-            ok = p is None
-        wrong += not ok
-        if p is not None or expected or not ok:
-            print(stem, m, "mIP", expected, "found", None if p is None else
-                  (p.axis_ijk, p.n_slices, p.kind, round(p.unchanged_fraction, 5)),
-                  "" if ok else "WRONG", flush=True)
+for stem, m, expected, p, s in found_projections(sys.argv[1]):
+    seconds.append(s)
+    if expected:
+        ok = (p is not None and p.axis_ijk == 2 and p.n_slices == expected
+              and p.kind == "minimum")
+        if p is not None:
+            shares.append(p.unchanged_fraction)
+    else:
+        ok = p is None
+    wrong += not ok
+    if p is not None or expected or not ok:
+        print(stem, m, "mIP", expected, "found", None if p is None else
+              (p.axis_ijk, p.n_slices, p.kind, round(p.unchanged_fraction, 5)),
+              "" if ok else "WRONG", flush=True)
 for extra in sys.argv[2:]:
     p = find_projection(read_volume(extra))
     wrong += p is not None
