@@ -114,6 +114,11 @@ def test_an_input_with_the_voxels_of_an_mip_gets_a_note_whatever_its_name(scene,
     c.parametersModified()
     assert "minimum-intensity projection (mIP) over about 3 slices" in view.statuses[-1]
     assert "Detection runs on it reversed" in view.statuses[-1]
+    named = add_volume(scene, ndi.minimum_filter1d(arr, 4, axis=0), m, name="SWI_mIP")
+    p.inputVolume = named  # named as one too: the voxels' note says more (slab, reversal)
+    c.parametersModified()
+    assert "over about 4 slices" in view.statuses[-1]
+    assert "Detection runs on it reversed" in view.statuses[-1]
 
 
 def test_threshold_moves_refilter_only_the_current_volume(scene, scan):

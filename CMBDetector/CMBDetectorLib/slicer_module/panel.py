@@ -133,8 +133,9 @@ class PanelController:
         self.view.refresh()
 
     def _noteProjection(self) -> None:
-        """Say so when the new input is a minimum-intensity projection: named as one, or with
-        the voxels of one (a series exported as "SWI" may be its mIP; about 0.1 s)."""
+        """Say so when the new input is a minimum-intensity projection: with the voxels of one
+        (slab, and whether Detect reverses it; a series exported as "SWI" may be its mIP;
+        about 0.1 s), or else named as one."""
         from ..engine.naming import MIN_IP_NOTE, looks_like_projection
         from ..engine.projection import find_projection
         from ..errors import CMBError
@@ -143,18 +144,17 @@ class PanelController:
         node = self.params.inputVolume
         if node is None or self.running:
             return
-        if looks_like_projection(node.GetName(), mrml.series_description(node)):
-            self.view.status(MIN_IP_NOTE)
-            return
         try:
             found = find_projection(mrml.volume_from_node(node))
         except CMBError:  # not a scalar volume: Detect reports it
-            return
-        if found is not None:
+            found = None
+        if found is not None:  # the voxels say more than the name: slab, and the reversal
             from ..engine.settings import DetectionSettings
 
             self.view.status(found.note(
                 across=False, reversed_=found.reversible and DetectionSettings.reverse_projection))
+        elif looks_like_projection(node.GetName(), mrml.series_description(node)):
+            self.view.status(MIN_IP_NOTE)
 
     def _guessModality(self) -> None:
         from ..engine.naming import guess_modality
