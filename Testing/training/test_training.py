@@ -773,11 +773,11 @@ def test_projection_axis_is_the_grids_k_on_the_simulators_mip_swi_only(tmp_path)
 
     cfg = TrainConfig.tiny()
     cfg.sim_config = dict(cfg.sim_config, swi_mip="random")
+    cfg.reverse_projection = True
     reversed_run = Run(tmp_path / "r", cfg)
     cfg = TrainConfig.tiny()
     cfg.sim_config = dict(cfg.sim_config, swi_mip="random")
-    cfg.reverse_projection = False
-    run = Run(tmp_path / "m", cfg)
+    run = Run(tmp_path / "m", cfg)  # the default: the mIP prepared as it is (v31's cases)
     seeds = run.seeds["pool_b_train"] + run.seeds["pool_b_val"]
     mips = []
     for seed in seeds:
@@ -818,7 +818,8 @@ def test_a_case_of_an_mip_is_prepared_on_its_reversal_as_detect_does():
     on, off = case(swi, True), case(swi, False)
     np.testing.assert_array_equal(on.image, case(reverse_projection(swi, p), False).image)
     assert not np.array_equal(on.image, off.image)
-    assert TrainConfig().prep_settings().reverse_projection
+    assert not TrainConfig().prep_settings().reverse_projection  # v31's recorded overrides
+    assert TrainConfig(reverse_projection=True).prep_settings().reverse_projection
 
 
 def _copy_run_with(tiny_run, folder, **settings):

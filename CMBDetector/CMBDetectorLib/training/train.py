@@ -91,9 +91,10 @@ class TrainConfig:
     #: operating point alike).
     split_candidates: bool = False
     #: Prepare a case whose voxels are a projection over slices (the simulator's mIP SWI) on
-    #: its reversal, as ``detect()`` does with ``reverse_projection`` (the engine's default);
-    #: runs made before it (False) prepared the mIP itself.
-    reverse_projection: bool = True
+    #: its reversal, as ``detect()`` does with ``reverse_projection`` (the engine's default
+    #: since 2026-12-07; docs/experiments/v37 sets it). Off by default, like every setting
+    #: here, so the overrides a bundle's manifest records reproduce it (v31 prepared the mIP).
+    reverse_projection: bool = False
     #: Probability that a training patch (detector and discriminator) gets a random monotone
     #: intensity change (:func:`intensity_change`: gamma 0.7-1.4 and a histogram warp of the
     #: raw scan, seen through the scan's normalisation); 0 = off (the first bundled models).
@@ -277,8 +278,7 @@ LEGACY_SETTINGS = {"n_val_extra": 0, "per_modality_thresholds": False,
                    "init_weights": "", "candidate_floor": 0.1, "negative_weights": {},
                    "swi_masks": [],
                    "disc_level_shift": 0.0, "patch_norm": False,
-                   "intensity_max_factor": 1.6, "mask_threshold": "intensity",
-                   "reverse_projection": False}
+                   "intensity_max_factor": 1.6, "mask_threshold": "intensity"}
 
 #: Modules whose code determines the training cases (simulated scans and their preparation).
 #: the modules that make the training cases (name in data_version.json -> file in the package)
