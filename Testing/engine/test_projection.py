@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from CMBDetectorLib.engine.projection import (direction_in_grid, find_projection, find_reversal,
-                                             reverse_projection)
+from CMBDetectorLib.engine.projection import (as_detected, direction_in_grid, find_projection,
+                                             find_reversal, reverse_projection)
 from CMBDetectorLib.engine.volume import Volume
 
 
@@ -153,3 +153,14 @@ def test_find_reversal_needs_a_projection_and_tissue():
     kind, share = find_reversal(_scan(10), 0, 3)  # an acquired image: no slab explains it
     assert kind == "" and share < 0.999
     assert find_reversal(np.zeros((8, 8, 8), np.float32), 0, 3) == ("", 0.0)
+
+
+def test_as_detected_gives_the_projection_and_the_image_the_networks_see():
+    scan, ball = _with_ball(12)
+    mip = Volume.from_arrays(ndi.minimum_filter1d(scan, 3, axis=0))
+    p, image = as_detected(mip)
+    assert p.reversible and np.array_equal(image.array < 50, ball)
+    p_off, same = as_detected(mip, reverse=False)
+    assert same is mip and p_off == p
+    plain = Volume.from_arrays(scan)
+    assert as_detected(plain) == (None, plain)

@@ -15,7 +15,7 @@ from .cleanup import edge_distance, shape_features, verdicts
 from ..errors import Cancelled
 from .inference import extract_candidates, predict_volume, score_candidates
 from .preprocessing import prepare
-from .projection import direction_in_grid, find_projection, reverse_projection
+from .projection import as_detected, direction_in_grid
 from .results import Candidate, DetectionResult
 from .settings import DetectionSettings
 from .volume import Volume, read_volume, resample
@@ -96,18 +96,9 @@ def detect(volume: Volume, modality: str, mask: Volume | None = None,
     settings = (settings or default_settings(models)).validate()
 
     prog.stage("preprocessing")
-    projection = find_projection(volume)
-    prep, channels = _preprocess(_reversed(volume, projection, settings), modality, mask,
-                                 settings, _preprocessing_device(models))
+    projection, image = as_detected(volume, settings.reverse_projection)
+    prep, channels = _preprocess(image, modality, mask, settings, _preprocessing_device(models))
     return _networks_and_cleanup(volume, prep, channels, settings, models, prog, projection)
-
-
-def _reversed(volume: Volume, projection, settings: DetectionSettings) -> Volume:
-    """The image the networks see: ``volume``, or its projection reversed
-    (``settings.reverse_projection``)."""
-    if projection is not None and projection.reversible and settings.reverse_projection:
-        return reverse_projection(volume, projection)
-    return volume
 
 
 def _preprocessing_device(models):
@@ -137,9 +128,8 @@ def prepare_scan(volume: Volume, modality: str, mask: Volume | None = None,
     given), so it can run in another process while the networks work on the previous scan."""
     settings = (settings or DetectionSettings()).validate()
     t0 = time.perf_counter()
-    projection = find_projection(volume)
-    prep, channels = _preprocess(_reversed(volume, projection, settings), modality, mask,
-                                 settings)
+    projection, image = as_detected(volume, settings.reverse_projection)
+    prep, channels = _preprocess(image, modality, mask, settings)
     return PreparedScan(volume, prep, channels, settings, time.perf_counter() - t0,
                         projection=projection)
 

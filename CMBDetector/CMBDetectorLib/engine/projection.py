@@ -208,6 +208,16 @@ def reverse_projection(volume, projection: Projection):
     return volume.with_array(array)
 
 
+def as_detected(volume, reverse: bool = True) -> tuple:
+    """``(projection, image)``: what :func:`find_projection` finds in ``volume`` (or None), and
+    the image the networks see: ``volume``, or with ``reverse`` its reversal when the voxels
+    allow one (``DetectionSettings.reverse_projection``; training cases use it too)."""
+    projection = find_projection(volume)
+    if reverse and projection is not None and projection.reversible:
+        return projection, reverse_projection(volume, projection)
+    return projection, volume
+
+
 def find_projection(volume) -> Projection | None:
     """The projection over slices in ``volume`` (a :class:`~CMBDetectorLib.engine.volume.Volume`),
     with how to reverse it when the voxels say (:func:`find_reversal`), or None for an image

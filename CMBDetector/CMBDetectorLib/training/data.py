@@ -78,11 +78,9 @@ def make_case(name: str, image: Volume, modality: str, cmb_labels: Volume,
     """Prepare one scan like inference does (a projection over slices reversed first, with
     ``settings.reverse_projection``) and bring its labels onto the working grid."""
     if settings.reverse_projection:
-        from ..engine.projection import find_projection, reverse_projection
+        from ..engine.projection import as_detected
 
-        projection = find_projection(image)
-        if projection is not None and projection.reversible:
-            image = reverse_projection(image, projection)
+        image = as_detected(image)[1]
     prep = prepare(image, modality, mask, settings)
     cmbs = truth.get("cmbs", [])
     # The label map numbers CMBs 1..n in truth order when the simulator wrote it; user masks
