@@ -43,4 +43,5 @@ for p, op in zip(preds[1:], ops[1:]):
     v = rank(op, subjects)
     diffs = [np.mean(rank(op, s)) - np.mean(rank(ops[0], s)) for s in draws]
     print(p.name, [round(x, 1) for x in v], round(np.mean(v), 2), "diff", round(np.mean(v) - np.mean(base), 2),
-          "95% CI", [round(float(x), 2) for x in np.percentile(diffs, [2.5, 97.5])])
+          "95% CI", [round(float(x), 2) for x in np.percentile(diffs, [2.5, 97.5])],
+          "one-sided 95% lower bound", round(float(np.percentile(diffs, 5)), 2))
