@@ -51,7 +51,7 @@ def test_synth_writes_a_split_with_its_domains(tmp_path, monkeypatch):
 
     monkeypatch.setattr(A, "available_anatomies", lambda: [])  # MNI152 only: fast, no builds
     rc = main(["synth", "--split", "train", "--n", "2", "--roi-mm", "40", "--modality", "swi",
-               "--out", str(tmp_path)])
+               "--allow-missing-anatomies", "--out", str(tmp_path)])
     assert rc == 0
     doms = json.loads((tmp_path / "domains.json").read_text())
     assert sorted(doms) == [f"sub-{s:05d}" for s in D.split_seeds("train", 2)]
@@ -73,7 +73,8 @@ def test_synth_size_prior_replaces_the_splits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(A, "available_anatomies", lambda: [])
     rc = main(["synth", "--split", "validation", "--n", "1", "--roi-mm", "40", "--modality",
-               "gre", "--n-cmbs", "3", "--size-prior", "real", "--out", str(tmp_path)])
+               "gre", "--n-cmbs", "3", "--size-prior", "real", "--allow-missing-anatomies",
+               "--out", str(tmp_path)])
     assert rc == 0
     (stem, dom), = json.loads((tmp_path / "domains.json").read_text()).items()
     seed = D.split_seeds("validation", 1)[0]
@@ -82,7 +83,7 @@ def test_synth_size_prior_replaces_the_splits(tmp_path, monkeypatch):
     assert dom == {**drawn, "cmb_size_prior": "real", "calc_size_prior": "real"}
     assert (tmp_path / f"{stem}_gre.nii.gz").exists()
     (_, cfg, *_), = _split_jobs("validation", 1, 0, SimulationConfig(), tmp_path, ("gre",),
-                                False, "real")
+                                False, "real", allow_missing=True)
     assert (cfg.cmb_size_prior, cfg.calc_size_prior) == ("real", "real")
     assert cfg.anatomy == drawn["anatomy"] and cfg.gre_weighting == drawn["gre_weighting"]
 
@@ -102,3 +103,20 @@ def test_truth_records_the_drawn_domain_only_when_not_default():
     assert 1.5 <= width <= 6.0 and width != 3.0
     assert sub.truth["params"]["homodyne_sigma_mm"] == width
     json.dumps(sub.truth)  # plain JSON
+
+
+def test_synth_split_refuses_when_an_anatomy_is_missing(tmp_path, monkeypatch, capsys):
+    """Without every anatomy a seed draws another subject, so a split would silently change
+    (a session once ranked two bundles on 96 MNI152-only 'selection subjects')."""
+    import CMBDetectorLib.simulation.anatomies as A
+    from CMBDetectorLib.cli.main import main
+
+    monkeypatch.setattr(A, "available_anatomies", lambda: ["colin27", "robex_ref"])
+    assert D.missing_anatomies() == ["cat12_ixi555", "icbm152_sym55", "pydeface_mean"]
+    rc = main(["synth", "--split", "validation", "--n", "1", "--out", str(tmp_path)])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "cat12_ixi555, icbm152_sym55, pydeface_mean" in err and "make anatomies" in err
+    assert not list(tmp_path.glob("sub-*"))
+    # with all installed the same seed draws from all five
+    assert D.missing_anatomies(list(A.SOURCES)) == []

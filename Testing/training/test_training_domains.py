@@ -296,3 +296,19 @@ def test_distilled_student_sees_the_changed_patch_and_the_teacher_the_clean_one(
     if clean_target:
         assert not torch.equal(batch[3], batch[0])
     assert np.isfinite(seen["loss"])
+
+
+def test_a_run_keeps_the_anatomies_its_subjects_were_drawn_with(tmp_path, monkeypatch, capsys):
+    import CMBDetectorLib.simulation.anatomies as A
+
+    monkeypatch.setattr(A, "available_anatomies", lambda: ["robex_ref"])
+    run = Run(tmp_path, _domain_cfg())
+    seed = subject_seeds(run.cfg)["test"][0]
+    first = run.sim_config("test", seed)
+    assert json.loads((tmp_path / "anatomies.json").read_text()) == ["robex_ref"]
+    assert "cat12_ixi555" in capsys.readouterr().err  # told what is missing
+    assert first.anatomy == "mni152"  # robex_ref is held out of the in-distribution test
+    # resumed where another set is installed: refused, never mixed
+    monkeypatch.setattr(A, "available_anatomies", lambda: ["colin27", "robex_ref"])
+    with pytest.raises(InputError, match="anatomies"):
+        Run(tmp_path, _domain_cfg()).sim_config("test", seed)

@@ -47,6 +47,9 @@ def configure_parser(parser) -> None:
                         help="CMB and calcification sizes from this prior, replacing the "
                         "split's (validation draws the training prior, large CMBs "
                         "over-represented; real = the sizes of the test splits)")
+    parser.add_argument("--allow-missing-anatomies", action="store_true",
+                        help="with --split, simulate even when an anatomy is not installed "
+                        "(the seeds then draw other subjects than with all installed)")
     parser.add_argument("--demo", action="store_true",
                         help="regenerate the bundled demo scan (into --out if given)")
 
@@ -77,15 +80,22 @@ def _sizes(prior: str | None) -> dict:
 
 
 def _split_jobs(split: str, n: int, start: int, cfg, out: Path, mods, labels,
-                size_prior: str | None = None) -> list:
+                size_prior: str | None = None, allow_missing: bool = False) -> list:
     """One job per subject of ``split`` with its drawn domain (sizes from ``size_prior`` when
-    given); the domains go to ``domains.json`` beside the subjects (what evaluation groups by)."""
+    given); the domains go to ``domains.json`` beside the subjects (what evaluation groups by).
+    Refuses when an anatomy is not installed (unless ``allow_missing``): its seeds would then
+    be other subjects than the same seeds elsewhere."""
     import json
 
     from .anatomies import available_anatomies
-    from .domains import domain_config, draw_domain, split_seeds
+    from .domains import domain_config, draw_domain, missing_anatomies, split_seeds
 
     anatomies = available_anatomies()
+    missing = missing_anatomies(anatomies)
+    if missing and not allow_missing:
+        raise InputError(f"synth --split {split}: anatomies not installed here: "
+                         f"{', '.join(missing)} (run `make anatomies`); without them each seed "
+                         "draws another subject (--allow-missing-anatomies to go on anyway)")
     seeds = split_seeds(split, n, start)
     try:
         domains = {f"sub-{s:05d}": {**draw_domain(s, split, anatomies), **_sizes(size_prior)}
@@ -130,7 +140,7 @@ def run_command(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.split:
         jobs = _split_jobs(args.split, args.n, args.seed, cfg, out, mods, not args.no_labels,
-                           args.size_prior)
+                           args.size_prior, args.allow_missing_anatomies)
     else:
         cfg = replace(cfg, **_sizes(args.size_prior))
         jobs = [(args.seed + i, cfg, out, mods, not args.no_labels) for i in range(args.n)]

@@ -70,6 +70,16 @@ def allowed(knob: str, split: str, anatomies=None) -> tuple:
     return tuple(v for v in pool if v not in held)
 
 
+def missing_anatomies(installed=None) -> list:
+    """The known anatomies that are not installed here. A subject's anatomy is drawn from the
+    installed ones, so with any missing, a seed of a split is *another* subject than on a
+    machine that has them all (`make anatomies` installs them)."""
+    from .anatomies import SOURCES, available_anatomies
+
+    installed = available_anatomies() if installed is None else installed
+    return sorted(set(SOURCES) - set(installed))
+
+
 def split_seeds(split: str, n: int, start: int = 0) -> list:
     """Seeds of subjects ``start .. start + n - 1`` of a split."""
     _check_split(split)

@@ -722,6 +722,32 @@ class Run:
         else:
             path.write_text(json.dumps(now, indent=1))
 
+    def _anatomies(self) -> list:
+        """The installed anatomies, the same for every subject of the run: a seed's anatomy is
+        drawn from them, so cases made with another set installed are other subjects. The first
+        call records the set (``anatomies.json``); later calls, also on resume, refuse another."""
+        if getattr(self, "_installed", None) is None:
+            from ..simulation.anatomies import available_anatomies
+            from ..simulation.domains import missing_anatomies
+
+            now = available_anatomies()
+            path = self.dir / "anatomies.json"
+            if path.exists():
+                old = json.loads(path.read_text())
+                if old != now:
+                    raise InputError(f"{self.dir}: its subjects were drawn with the anatomies "
+                                     f"{', '.join(old) or 'none'} installed, here "
+                                     f"{', '.join(now) or 'none'}; install the same set "
+                                     "(`make anatomies`) or use a new --run-dir")
+            else:
+                path.write_text(json.dumps(now))
+                if missing_anatomies(now):
+                    print(f"warning: anatomies not installed: {', '.join(missing_anatomies(now))}"
+                          " (`make anatomies`); this run's seeds draw other subjects than "
+                          "with all installed", file=sys.stderr)
+            self._installed = now
+        return self._installed
+
     def path(self, *parts) -> Path:
         p = self.dir.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -801,7 +827,7 @@ class Run:
         if self.cfg.domains:
             from ..simulation.domains import draw_domain
 
-            sim.update(draw_domain(seed, DOMAIN_SPLIT[split]))
+            sim.update(draw_domain(seed, DOMAIN_SPLIT[split], self._anatomies()))
         sim.update(self.cfg.sim_config)
         if split == "pool_a":
             sim.update(self.cfg.detector_sim_config)
