@@ -124,6 +124,15 @@ def test_cli_rejects_an_unknown_modality(capsys):
     assert "unknown modality" in capsys.readouterr().err
 
 
+def test_cli_refuses_the_split_when_an_anatomy_is_missing(monkeypatch, capsys):
+    import CMBDetectorLib.simulation.anatomies as A
+
+    monkeypatch.setattr(A, "available_anatomies", lambda: ["colin27"])
+    assert main(["invariance", "--subjects", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "robex_ref" in err and "--mni152" in err
+
+
 def test_cli_on_one_small_subject_writes_the_gate(tmp_path, capsys):
     pytest.importorskip("torch")
     out = tmp_path / "inv.json"

@@ -261,7 +261,12 @@ def run_command(args) -> int:
     if args.subjects < 1 or args.n_cmbs < 1:
         raise InputError("--subjects and --n-cmbs must be at least 1")
     split = None if args.mni152 else "validation"
-    from ..simulation.domains import split_seeds
+    from ..simulation.domains import missing_anatomies, split_seeds
+
+    missing = missing_anatomies() if split else []
+    if missing:  # each seed would draw another subject than where all are installed
+        raise InputError(f"invariance: anatomies not installed here: {', '.join(missing)} "
+                         "(run `make anatomies`, or --mni152)")
 
     seeds = split_seeds("validation", args.subjects, args.start)
     bundle = load_bundle(args.models, device="cpu")
