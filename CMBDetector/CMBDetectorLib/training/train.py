@@ -741,10 +741,11 @@ class Run:
                                      "(`make anatomies`) or use a new --run-dir")
             else:
                 path.write_text(json.dumps(now))
-                if missing_anatomies(now):
-                    print(f"warning: anatomies not installed: {', '.join(missing_anatomies(now))}"
-                          " (`make anatomies`); this run's seeds draw other subjects than "
-                          "with all installed", file=sys.stderr)
+                missing = missing_anatomies(now)
+                if missing:
+                    print(f"warning: anatomies not installed: {', '.join(missing)} (`make "
+                          "anatomies`); this run's seeds draw other subjects than with all "
+                          "installed", file=sys.stderr)
             self._installed = now
         return self._installed
 
