@@ -702,6 +702,7 @@ class Run:
             cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
         self.seeds = subject_seeds(cfg)
         self.jobs = 1  # processes for simulating subjects (results do not depend on it)
+        self._installed = None  # the anatomies the run draws from (``_anatomies``)
         self._check_data_version()
         if cfg.threads:
             import torch
@@ -726,7 +727,7 @@ class Run:
         """The installed anatomies, the same for every subject of the run: a seed's anatomy is
         drawn from them, so cases made with another set installed are other subjects. The first
         call records the set (``anatomies.json``); later calls, also on resume, refuse another."""
-        if getattr(self, "_installed", None) is None:
+        if self._installed is None:
             from ..simulation.anatomies import available_anatomies
             from ..simulation.domains import missing_anatomies
 
