@@ -35,9 +35,10 @@ def bundled():
 #: CMBs the subject showed v21's GRE lesions as 4, but they were 2 foci each split in two; once
 #: the splitter merged such pieces only 2 were left, too few to test, hence 12 CMBs: v21 kept
 #: all 5 GRE and 5 SWI lesions and gained 1 of 6 on QSM under gamma 1.4. v27 showed 10 GRE, 9 SWI
-#: and 6 QSM lesions and changed at most 2 (GRE, more noise); the bundled v31 shows 10 GRE, 8 SWI
-#: and 6 QSM lesions and changes at most 2 (GRE more noise, SWI gamma 1.4 and bias field; QSM
-#: none; docs/experiments/v31/invariance_ci_subject.txt). One subject is a noisy
+#: and 6 QSM lesions and changed at most 2 (GRE, more noise); v31 showed 10 GRE, 8 SWI and 6 QSM
+#: lesions and changed at most 2 (docs/experiments/v31/invariance_ci_subject.txt); the bundled
+#: v37 shows 10 GRE, 9 SWI and 6 QSM lesions and changes at most 2 (GRE bias field and more
+#: noise, SWI more noise; docs/experiments/v37/invariance_ci_subject.txt). One subject is a noisy
 #: gate (with 16 CMBs v21 loses 4 of 11 QSM lesions under gamma 0.7); models are chosen with
 #: the pooled ``cmbdetector invariance`` (docs/training.md).
 @pytest.mark.parametrize("modality", ["gre", "swi", "qsm"])
