@@ -815,17 +815,16 @@ def process_prefetched(todo: list, out_root: Path, config: dict, prefetch: int, 
     in order. Each scan goes through :func:`run_scan`, so outputs, records and failure rows are
     those of the Dask path; the process must have a ``prepare(path, modality, settings)``.
     """
-    import multiprocessing
     from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
+
+    from ..workers import process_pool
 
     if not hasattr(resolve_process(config["process"]), "prepare"):
         raise InputError(f"process {config['process']!r} has no prepare(): it cannot prefetch")
     rows: dict = {}
     queue: deque = deque()
     pending = iter(todo)
-    with ProcessPoolExecutor(max_workers=prefetch, initializer=_set_threads, initargs=(1,),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+    with process_pool(prefetch, initializer=_set_threads, initargs=(1,)) as pool:
         def top_up():
             for s in pending:
                 queue.append((s, pool.submit(prepare_task, config["process"], s.path,

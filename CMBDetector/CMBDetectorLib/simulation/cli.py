@@ -148,9 +148,9 @@ def run_command(args) -> int:
     _progress(0, len(jobs), t0)
     n_total = 0
     if args.jobs > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from ..workers import process_pool
 
-        with ProcessPoolExecutor(max_workers=args.jobs) as ex:
+        with process_pool(args.jobs) as ex:
             for i, (_, n, _) in enumerate(ex.map(_one, jobs), 1):
                 n_total += n
                 _progress(i, len(jobs), t0)

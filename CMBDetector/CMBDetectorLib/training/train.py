@@ -784,11 +784,11 @@ class Run:
                 self.build_subject(split, seed)
                 bar((n + 1) / len(todo), f"sub-{seed}")
         else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import as_completed
 
-            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch
-            with ProcessPoolExecutor(min(self.jobs, len(todo)), mp_context=ctx) as pool:
+            from ..workers import process_pool
+
+            with process_pool(min(self.jobs, len(todo))) as pool:
                 futs = {pool.submit(_subject_task, str(self.dir), self.cfg, sp, sd): sd
                         for sp, sd in todo}
                 for n, fut in enumerate(as_completed(futs)):
@@ -1241,14 +1241,12 @@ class Run:
             for distil in todo:
                 self.train_student(distil)
             return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         import torch
 
+        from ..workers import process_pool
+
         threads = max(1, torch.get_num_threads() // 2)
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch
-        with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        with process_pool(2) as pool:
             for fut in [pool.submit(_student_task, str(self.dir), self.cfg, d, threads)
                         for d in todo]:
                 fut.result()
