@@ -158,6 +158,19 @@ def test_anatomy_fractions_partition_each_voxel():
     assert an["air"].max() > 0.99 and an["bone"].max() > 0.99 and (an["brain"] > 0.5).mean() > 0.2
 
 
+def test_holes_inside_the_brain_hull_hold_csf_not_air():
+    # the cisterns around the midbrain: non-brain voxels inside the closed hull. Air there (M0 ~0,
+    # -9.4 ppm) drew a dark, blooming shell around every fissure and cistern on GRE and SWI.
+    st = run_stages(3, clean(roi_mm=24.0, roi_center_mni=(-7.0, -5.0, -25.0), air=True),
+                    until="anatomy")
+    an = st.an
+    hole = (an["brain"] < 0.5) & (an["sinus"] < 0.01)
+    assert hole.mean() > 0.05  # the ROI does hold such holes
+    assert an["air"][an["brain"] > 0.01].max() < 1e-3
+    near = an["brain"] > 0.01
+    assert np.allclose((an["gm"] + an["wm"] + an["csf"])[near], 1.0, atol=1e-4)
+
+
 def test_tissue_relaxation_scales_with_field_strength():
     lo = run_stages(2, clean(b0_t=1.5), until="tissue")
     hi = run_stages(2, clean(b0_t=3.0), until="tissue")

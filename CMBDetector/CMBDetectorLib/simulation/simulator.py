@@ -344,7 +344,10 @@ def _sample_anatomy(grid: _Grid, warp, tpl, iron_values=None):
             inside_t &= (c[a] >= 0) & (c[a] <= tshape[a] - 1)
         d[~inside_t] = 100.0
         w = np.float32(1.0 / n_sub)
-        acc["rim"] += w * np.clip(3.0 - d, 0, 1) * (d > -0.5)
+        # CSF fills whatever is not brain up to 3 mm outside the closed hull, the holes and
+        # fissures inside it included: gating it to d > -0.5 left a shell of air (M0 ~0, -9.4
+        # ppm) wherever the interpolated d jumps from deep inside the brain to a hole's 0
+        acc["rim"] += w * np.clip(3.0 - d, 0, 1)
         acc["bone"] += w * np.clip(d - 2.0, 0, 1) * np.clip(9.5 - d, 0, 1)
         acc["scalp"] += w * np.clip(d - 9.0, 0, 1) * np.clip(14.5 - d, 0, 1)
         near = d < 1.5
