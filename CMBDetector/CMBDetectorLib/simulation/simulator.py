@@ -331,7 +331,7 @@ def _sample_anatomy(grid: _Grid, warp, tpl, iron_values=None):
     offs = [((s + 0.5) / n_sub - 0.5) for s in range(n_sub)]
     shp = grid.shape
     acc = {k: np.zeros(shp, np.float32) for k in ("gm", "wm", "brain", "sinus", "rim", "bone",
-                                                   "scalp")}
+                                                   "scalp", "hull")}
     nuclei = None
     sin_lo = np.argwhere(tpl.sinus > 0.01).min(0) - 1
     sin_hi = np.argwhere(tpl.sinus > 0.01).max(0) + 1
@@ -348,6 +348,7 @@ def _sample_anatomy(grid: _Grid, warp, tpl, iron_values=None):
         # fissures inside it included: gating it to d > -0.5 left a shell of air (M0 ~0, -9.4
         # ppm) wherever the interpolated d jumps from deep inside the brain to a hole's 0
         acc["rim"] += w * np.clip(3.0 - d, 0, 1)
+        acc["hull"] += w * np.clip(1.0 - d, 0, 1)
         acc["bone"] += w * np.clip(d - 2.0, 0, 1) * np.clip(9.5 - d, 0, 1)
         acc["scalp"] += w * np.clip(d - 9.0, 0, 1) * np.clip(14.5 - d, 0, 1)
         near = d < 1.5
@@ -392,8 +393,11 @@ def _sample_anatomy(grid: _Grid, warp, tpl, iron_values=None):
     bone = np.minimum(acc["bone"], 1) * keep
     scalp = np.minimum(acc["scalp"], 1) * keep
     air = np.clip(1 - brain - rim - bone - scalp, 0, 1)
+    # inside the closed hull: the brain with its fissures and cisterns, what a QSM pipeline's
+    # (hole-filled) mask keeps
+    hull = np.maximum(np.clip(acc["hull"], 0, 1), brain) * (1 - sinus)
     return dict(gm=gm, wm=wm, csf=csf + rim, brain=brain, bone=bone, scalp=scalp, air=air,
-                sinus=sinus, nuclei=nuclei, iron=acc.get("iron"))
+                sinus=sinus, nuclei=nuclei, iron=acc.get("iron"), hull=hull)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,7 +787,8 @@ class SimState:
     vf_t: np.ndarray | None = None
     vid_t: np.ndarray | None = None
     brain_t: np.ndarray | None = None
-    chi_t: np.ndarray | None = None  # chi relative to water inside the brain (QSM truth)
+    hull_t: np.ndarray | None = None  # inside the closed brain hull (fissures, cisterns): QSM
+    chi_t: np.ndarray | None = None  # chi relative to water inside the hull (QSM truth)
     nuc_t: np.ndarray | None = None
     sig: np.ndarray | None = None  # complex64 signal
     # compact sources
@@ -1036,7 +1041,8 @@ def stage_signal(st: SimState, c) -> None:
                         .astype(np.float32))
     st.vid_t = _to_target(st, st.vein_id, order=0)
     brain_t = st.brain_t = _to_target(st, st.an["brain"])
-    st.chi_t = _to_target(st, st.chi_w) * (brain_t > 0.5)
+    st.hull_t = _to_target(st, st.an["hull"])
+    st.chi_t = _to_target(st, st.chi_w) * (st.hull_t > 0.5)
     st.nuc_t = _to_target(st, st.an["nuclei"], order=0)
     deph = np.ones(tuple(st.shape), np.float32)
     for a in range(3):
@@ -1425,7 +1431,7 @@ def stage_swi(st: SimState, c) -> None:
 
 def stage_qsm(st: SimState, c) -> None:
     """QSM: true chi blurred like a reconstruction, noisy when the acquisition was, inside the
-    eroded brain. Appearance knobs (appearance.py): TKD or Tikhonov inversion of the simulated
+    eroded hull (the brain with its fissures and cisterns, as a hole-filled pipeline mask). Appearance knobs (appearance.py): TKD or Tikhonov inversion of the simulated
     local field, background residue, ppm scale and offset; the main stream's noise draws are
     consumed as before."""
     from scipy import ndimage as ndi
@@ -1437,7 +1443,7 @@ def stage_qsm(st: SimState, c) -> None:
     if knobs != ap.QSM_DEFAULTS:
         v = ap.draw_qsm(knobs, lambda k: ap.family_rng(st.seed, k))
         st.params.setdefault("appearance", {})["qsm"] = v
-        brain = (st.brain_t > 0.5).astype(np.float32)
+        brain = (st.hull_t > 0.5).astype(np.float32)
         white = fnoise = None
         if st.noisy:
             white = st.rng.standard_normal(st.chi_t.shape, dtype=np.float32)
@@ -1455,7 +1461,7 @@ def stage_qsm(st: SimState, c) -> None:
     if st.noisy:
         qsm += st.rng.standard_normal(qsm.shape, dtype=np.float32) * np.float32(
             0.006 * 3.0 / st.b0 * 40.0 / st.snr)
-    st.qsm = (qsm * ndi.binary_erosion(st.brain_t > 0.5, iterations=1)).astype(np.float32)
+    st.qsm = (qsm * ndi.binary_erosion(st.hull_t > 0.5, iterations=1)).astype(np.float32)
 
 
 def _jsonable(value):
