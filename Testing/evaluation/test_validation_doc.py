@@ -273,3 +273,24 @@ def test_the_detection_line_says_what_happens_on_an_mip():
     assert "`shape_across_projection`" in across and "reverse" not in across
     assert V._projection_clause({"inference": {"reverse_projection": False,
                                                "shape_across_projection": False}}) == ""
+
+
+def test_held_out_scans_from_another_simulator_version_are_declared(tiny_run, tmp_path):
+    """A kept bundle measured again on scans from a fixed simulator: the document must say that
+    the held-out scans and the training cases come from different code, and which part."""
+    run = _domain_run(tiny_run, tmp_path)
+    version = {"simulation": "new", "preprocessing": "same"}
+    (run / "data_version.json").write_text(json.dumps(version))
+    manifest = tmp_path / "kept" / "manifest.json"
+    manifest.parent.mkdir()
+
+    def doc(trained):
+        manifest.write_text(json.dumps({"training": {
+            "command": "cmbdetector train --export", "overrides": {},
+            "data_version": trained}}))
+        return V.build(run, tmp_path / "docs", manifest)
+
+    changed = doc({"simulation": "old", "preprocessing": "same"})
+    assert "another version of `simulation` than" in changed
+    assert "simulation new vs old" in changed and "`preprocessing`" not in changed
+    assert "another version" not in doc(version)

@@ -609,8 +609,27 @@ def _domain_method_lines(cfg: dict, op: dict, manifest: dict, st: dict, run_dir=
                _operating_point_line(op),
                "- The training cases record a fingerprint of the simulator and preprocessing "
                "code that made them (`data_version.json`), and training refuses to mix "
-               "versions."]
+               "versions." + _resimulated_clause(run_dir, manifest)]
             + _rules_lines(st, cfg))
+
+
+def _resimulated_clause(run_dir, manifest: dict) -> str:
+    """When the held-out scans were simulated by other code than the training cases (a kept
+    bundle measured again after a simulator fix, its models unchanged), which parts differ;
+    nothing when they match or either fingerprint is missing."""
+    trained = manifest.get("training", {}).get("data_version") or {}
+    path = Path(run_dir) / "data_version.json" if run_dir is not None else None
+    if not trained or path is None or not path.exists():
+        return ""
+    tested = json.loads(path.read_text())
+    changed = sorted(k for k in tested if trained.get(k) != tested[k])
+    if not changed:
+        return ""
+    return (" **The held-out scans here were simulated by another version of "
+            + ", ".join(f"`{k}`" for k in changed)
+            + " than the cases these models were trained on** (`data_version` "
+            + ", ".join(f"{k} {tested[k]} vs {trained.get(k)}" for k in changed)
+            + "): the models were not retrained, only measured again.")
 
 
 def _targets_lines() -> list:
